@@ -1,0 +1,230 @@
+"""Settings for the clearinghouse, read from the environment.
+
+With no environment at all the hub runs on its embedded default: SQLite in ``var/``, Celery tasks
+in process, generated development secrets. Production sets ``DATABASE_URL``, ``REDIS_URL`` and
+``DJANGO_SECRET_KEY`` (CONTRACT.md section 7).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
+
+from clearinghouse.devsecrets import dev_secret
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+VAR_DIR = Path(os.environ.get("CLEARINGHOUSE_VAR_DIR", BASE_DIR / "var"))
+
+
+def env_flag(name: str, default: bool = False) -> bool:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    return value.strip().lower() in {"1", "true", "yes", "on"}
+
+
+def env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    return int(value) if value else default
+
+
+# --- Core -------------------------------------------------------------------------------------------
+
+DEBUG = env_flag("DJANGO_DEBUG", default=True)
+SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY", "")
+if not SECRET_KEY:
+    if not DEBUG:
+        raise ImproperlyConfigured("DJANGO_SECRET_KEY is required when DJANGO_DEBUG is off.")
+    SECRET_KEY = dev_secret("DJANGO_SECRET_KEY", VAR_DIR)
+
+ALLOWED_HOSTS = [h for h in os.environ.get("DJANGO_ALLOWED_HOSTS", "*").split(",") if h]
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "rest_framework.authtoken",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",
+    "ledger",
+    "institutions",
+    "methodology",
+    "wallets",
+    "settlement",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "clearinghouse.urls"
+WSGI_APPLICATION = "clearinghouse.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+STATIC_URL = "static/"
+STATIC_ROOT = VAR_DIR / "static"
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# --- Database ---------------------------------------------------------------------------------------
+
+DATABASE_URL = os.environ.get("DATABASE_URL", "")
+if DATABASE_URL:
+    DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=env_int("DB_CONN_MAX_AGE", 60))}
+else:
+    VAR_DIR.mkdir(parents=True, exist_ok=True)
+    DATABASES = {
+        "default": {
+            "ENGINE": "django.db.backends.sqlite3",
+            "NAME": VAR_DIR / "clearinghouse.sqlite3",
+            # Writers queue instead of failing at once: the embedded hub runs web and tasks together.
+            "OPTIONS": {"timeout": 20, "transaction_mode": "IMMEDIATE"},
+        }
+    }
+
+# --- Redis, Celery, caches --------------------------------------------------------------------------
+
+REDIS_URL = os.environ.get("REDIS_URL", "")
+
+if REDIS_URL:
+    CELERY_BROKER_URL = REDIS_URL
+    # The test suite uses Redis for rate limits and caches but runs tasks in process unless a test
+    # starts a real worker.
+    CELERY_TASK_ALWAYS_EAGER = env_flag("CLEARINGHOUSE_TASKS_EAGER")
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}}
+else:
+    # Embedded default: no broker, every task runs in the process that enqueues it.
+    CELERY_BROKER_URL = "memory://"
+    CELERY_TASK_ALWAYS_EAGER = True
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+
+CELERY_TASK_EAGER_PROPAGATES = True
+CELERY_RESULT_BACKEND = None
+CELERY_TASK_IGNORE_RESULT = True
+# Reliability model (DESIGN.md): at-least-once delivery, exactly-once effect from PostgreSQL.
+CELERY_TASK_ACKS_LATE = True
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_TASK_SERIALIZER = "json"
+CELERY_RESULT_SERIALIZER = "json"
+CELERY_ACCEPT_CONTENT = ["json"]
+CELERY_TASK_SOFT_TIME_LIMIT = 240
+CELERY_TASK_TIME_LIMIT = 300
+# Redis re-delivers an unacknowledged message after the visibility timeout; it must outlast the
+# hard time limit or a long task would run twice while still alive.
+CELERY_BROKER_TRANSPORT_OPTIONS = {
+    "visibility_timeout": 3600,
+    "socket_connect_timeout": 2,
+    "socket_timeout": 5,
+}
+# Publishing must not hang an intake request when the broker is down: the event is already
+# committed and the sweeper will enqueue it later.
+CELERY_TASK_PUBLISH_RETRY = True
+CELERY_TASK_PUBLISH_RETRY_POLICY = {"max_retries": 1, "interval_start": 0, "interval_step": 0.2}
+CELERY_BROKER_CONNECTION_TIMEOUT = 2
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_TASK_DEFAULT_QUEUE = "intake"
+CELERY_TASK_ROUTES = {
+    "institutions.tasks.*": {"queue": "intake"},
+    "ledger.tasks.*": {"queue": "ledger"},
+    "settlement.tasks.*": {"queue": "settlement"},
+}
+CELERY_BEAT_SCHEDULE = {
+    "inbox-sweep": {"task": "institutions.tasks.inbox_sweep", "schedule": 30.0},
+}
+
+# --- REST framework and OpenAPI ---------------------------------------------------------------------
+
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "rest_framework.authentication.TokenAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "EXCEPTION_HANDLER": "clearinghouse.errors.problem_exception_handler",
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "UNAUTHENTICATED_USER": None,
+}
+
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Carbon points clearinghouse",
+    "DESCRIPTION": "Wire contract v1: signed CloudEvents in, pooled wallets, redemptions and settlement.",
+    "VERSION": "1.0.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    "SCHEMA_PATH_PREFIX": "/api/v1",
+}
+
+# --- Hub secrets ------------------------------------------------------------------------------------
+
+# Fernet keys, comma separated, newest first: the first encrypts, all decrypt (rotation).
+HUB_ENCRYPTION_KEYS = [
+    k.strip()
+    for k in (os.environ.get("HUB_ENCRYPTION_KEYS") or dev_secret("HUB_ENCRYPTION_KEYS", VAR_DIR)).split(",")
+    if k.strip()
+]
+# Key of the keyed hash that stands in for institution subject ids (DESIGN.md, privacy).
+HUB_SUBJECT_KEY = os.environ.get("HUB_SUBJECT_KEY") or dev_secret("HUB_SUBJECT_KEY", VAR_DIR)
+
+# --- Intake -----------------------------------------------------------------------------------------
+
+HUB_INTAKE_MAX_BYTES = env_int("HUB_INTAKE_MAX_BYTES", 1024 * 1024)
+HUB_INTAKE_MAX_EVENTS = 1000
+HUB_SIGNATURE_TOLERANCE_SECONDS = 300
+# Requests per institution per second; an institution may carry its own limit.
+HUB_INTAKE_RATE_LIMIT_PER_SECOND = env_int("HUB_INTAKE_RATE_LIMIT_PER_SECOND", 500)
+# How long a worker process trusts its cached copy of an institution's credentials.
+HUB_CREDENTIAL_CACHE_SECONDS = env_int("HUB_CREDENTIAL_CACHE_SECONDS", 2)
+HUB_INBOX_BATCH_SIZE = env_int("HUB_INBOX_BATCH_SIZE", 500)
+HUB_INBOX_MAX_ATTEMPTS = env_int("HUB_INBOX_MAX_ATTEMPTS", 5)
+HUB_INBOX_LEASE_SECONDS = env_int("HUB_INBOX_LEASE_SECONDS", 300)
+HUB_INBOX_SWEEP_AFTER_SECONDS = env_int("HUB_INBOX_SWEEP_AFTER_SECONDS", 60)
+# Django refuses bodies above this before our own check can answer 413 as problem+json.
+DATA_UPLOAD_MAX_MEMORY_SIZE = HUB_INTAKE_MAX_BYTES + 64 * 1024
+
+HUB_ALLOW_PRIVATE_ENDPOINTS = env_flag("HUB_ALLOW_PRIVATE_ENDPOINTS")
+
+# --- Logging ----------------------------------------------------------------------------------------
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": os.environ.get("LOG_LEVEL", "INFO")},
+    "loggers": {"django.server": {"level": "WARNING"}},
+}

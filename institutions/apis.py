@@ -1,0 +1,158 @@
+"""Institution-facing API: the signed intake, following an event, and the hub's public keys."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.http import HttpResponse
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiExample, OpenApiParameter, OpenApiResponse, extend_schema, inline_serializer
+from rest_framework import serializers
+from rest_framework.permissions import AllowAny, IsAuthenticated
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from clearinghouse.errors import InvalidEvents, NotFound
+from institutions import intake
+from institutions.authentication import InstitutionTokenAuthentication
+from institutions.models import InboxEvent
+from institutions.services import hub_public_keys
+
+PROBLEM = OpenApiResponse(description="RFC 9457 problem document (application/problem+json).")
+
+_SIGNATURE_HEADERS = [
+    OpenApiParameter("webhook-id", str, OpenApiParameter.HEADER, required=True,
+                     description="Message id (no '.'), stable across the sender's retries."),
+    OpenApiParameter("webhook-timestamp", int, OpenApiParameter.HEADER, required=True,
+                     description="Integer Unix seconds of this attempt; within ±300 s of the hub's clock."),
+    OpenApiParameter("webhook-signature", str, OpenApiParameter.HEADER, required=True,
+                     description="Space-separated `v1,<base64 HMAC-SHA256>` and/or `v1a,<base64 Ed25519>` "
+                                 "over `<webhook-id>.<webhook-timestamp>.<raw body>`."),
+]
+
+_RESULT = inline_serializer(
+    "EventResult",
+    {
+        "id": serializers.CharField(allow_null=True),
+        "status": serializers.ChoiceField(["accepted", "duplicate", "conflict", "rejected"]),
+        "errors": serializers.ListField(child=serializers.DictField(), required=False),
+    },
+)
+_INTAKE_RESPONSE = inline_serializer("IntakeResponse", {"received": serializers.IntegerField(), "results": _RESULT})
+
+
+class EventIntakeApi(APIView):
+    """``POST /api/v1/institutions/{code}/events``: the hot path, kept free of DRF parsing so the
+    signature is checked on the exact bytes received."""
+
+    authentication_classes: list[Any] = []
+    permission_classes = [AllowAny]
+
+    @extend_schema(
+        operation_id="events_push",
+        summary="Push signed CloudEvents (single or batch)",
+        parameters=_SIGNATURE_HEADERS,
+        request={
+            intake.SINGLE: OpenApiTypes.OBJECT,
+            intake.BATCH: {"type": "array", "items": {"type": "object"}, "minItems": 1, "maxItems": 1000},
+            intake.EITHER: OpenApiTypes.ANY,
+        },
+        responses={
+            202: _INTAKE_RESPONSE,
+            400: PROBLEM, 401: PROBLEM, 413: PROBLEM, 415: PROBLEM, 422: PROBLEM, 429: PROBLEM, 503: PROBLEM,
+        },
+        examples=[
+            OpenApiExample(
+                "activity",
+                request_only=True,
+                media_type=intake.SINGLE,
+                value={
+                    "specversion": "1.0", "id": "evt-1", "source": "/bank/app", "type": "carbon.activity.recorded",
+                    "subject": "cust-42", "time": "2026-11-24T08:00:00Z",
+                    "data": {"action": "metro", "quantity": "12.5", "unit": "km"},
+                },
+            )
+        ],
+        auth=[],
+    )
+    def post(self, request: Request, code: str) -> HttpResponse:
+        django_request = request._request
+        intake.check_size(django_request.META.get("CONTENT_LENGTH"))
+        media_type = intake.check_content_type(django_request.META.get("CONTENT_TYPE", ""))
+        body = django_request.body
+        intake.check_size(str(len(body)))  # chunked bodies declare no length up front
+        verifier = intake.authenticate(code, django_request.headers, body)
+        intake.check_rate(verifier)
+        events = intake.parse_events(body, media_type)
+        result = intake.events_store(
+            verifier=verifier, webhook_id=django_request.headers["webhook-id"], events=events
+        )
+        if result.all_rejected:
+            raise InvalidEvents("Every event in the request was rejected; see results.", **result.body())
+        return Response(result.body(), status=202)
+
+
+class EventStatusApi(APIView):
+    authentication_classes = [InstitutionTokenAuthentication]
+    permission_classes = [IsAuthenticated]
+
+    @extend_schema(
+        operation_id="events_status",
+        summary="Follow one event",
+        responses={
+            200: inline_serializer(
+                "EventStatus",
+                {
+                    "id": serializers.CharField(),
+                    "type": serializers.CharField(),
+                    "status": serializers.ChoiceField(InboxEvent.Status.values),
+                    "outcome": serializers.DictField(allow_null=True),
+                },
+            ),
+            401: PROBLEM,
+            404: PROBLEM,
+        },
+    )
+    def get(self, request: Request, code: str, event_id: str) -> Response:
+        institution = request.auth
+        # A token sees only its own institution: another code answers like a missing event.
+        event = (
+            InboxEvent.objects.filter(institution=institution, event_id=event_id).first()
+            if institution.code == code
+            else None
+        )
+        if event is None:
+            raise NotFound(f"No event {event_id!r} from this institution.")
+        outcome: dict[str, Any] | None = event.outcome
+        if event.status in (InboxEvent.Status.QUARANTINED, InboxEvent.Status.DEAD):
+            outcome = {**(outcome or {}), "reason": event.last_error or None}
+        return Response({"id": event.event_id, "type": event.type, "status": event.status, "outcome": outcome})
+
+
+class HubKeysApi(APIView):
+    authentication_classes: list[Any] = []
+    permission_classes = [AllowAny]
+
+    @extend_schema(
+        operation_id="hub_keys",
+        summary="The hub's Ed25519 public keys (verify v1a signatures on hub webhooks)",
+        responses={
+            200: inline_serializer(
+                "HubKeys",
+                {
+                    "keys": inline_serializer(
+                        "HubKey",
+                        {"id": serializers.CharField(), "public_key": serializers.CharField(),
+                         "status": serializers.CharField()},
+                        many=True,
+                    )
+                },
+            )
+        },
+        auth=[],
+    )
+    def get(self, request: Request) -> Response:
+        keys = [{"id": k.key_id, "public_key": k.public_key, "status": k.status} for k in hub_public_keys()]
+        return Response({"keys": keys})
+

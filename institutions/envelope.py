@@ -1,0 +1,234 @@
+"""CloudEvents 1.0 envelopes and the per-type allow-list of ``data`` fields (CONTRACT.md section 2).
+
+Validation is hand-written rather than a serializer because it runs for every event on the intake
+hot path (a batch is up to 1000 events). Each check names the field it rejects, so an institution
+can fix its sender from the response alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+ACTIVITY_RECORDED = "carbon.activity.recorded"
+ACTIVITY_REVERSED = "carbon.activity.reversed"
+ACCOUNT_LINKED = "carbon.account.linked"
+ACCOUNT_UNLINKED = "carbon.account.unlinked"
+REDEMPTION_FULFILLED = "carbon.redemption.fulfilled"
+REDEMPTION_REJECTED = "carbon.redemption.rejected"
+SETTLEMENT_CONFIRMED = "carbon.settlement.confirmed"
+
+ATTRIBUTES = frozenset({"specversion", "id", "source", "type", "subject", "time", "data", "datacontenttype"})
+SUBJECT_REQUIRED = frozenset({ACTIVITY_RECORDED, ACTIVITY_REVERSED, ACCOUNT_LINKED, ACCOUNT_UNLINKED})
+TIME_REQUIRED = frozenset({ACTIVITY_RECORDED})
+# Events whose subject must be recoverable later (linking names the subject back to its institution).
+SEAL_SUBJECT = frozenset({ACCOUNT_LINKED, ACCOUNT_UNLINKED})
+
+MAX_ID = 128
+MAX_SUBJECT = 256
+MAX_SOURCE = 512
+MAX_TEXT = 256
+# Quantities beyond this are not a person's daily act; they are a sender bug or an attack.
+MAX_QUANTITY = Decimal("1e12")
+
+Error = dict[str, str]
+
+
+@dataclass(slots=True)
+class ParsedEvent:
+    event_id: str
+    type: str
+    source: str
+    subject: str | None
+    time: datetime | None
+    data: dict[str, Any]
+    content_hash: str
+
+
+@dataclass(slots=True)
+class EventVerdict:
+    """What validation says of one event of a request: parsed, or the errors that reject it."""
+
+    event_id: str | None
+    parsed: ParsedEvent | None = None
+    errors: list[Error] = field(default_factory=list)
+
+
+# --- Field checks -----------------------------------------------------------------------------------
+# Each takes the raw value and returns (normalized value, error code or None).
+
+Check = Callable[[Any], tuple[Any, str | None]]
+
+
+def _text(max_length: int) -> Check:
+    def check(value: Any) -> tuple[Any, str | None]:
+        if not isinstance(value, str) or not value.strip():
+            return value, "invalid_string"
+        if len(value) > max_length:
+            return value, "too_long"
+        return value, None
+
+    return check
+
+
+def _positive_decimal(value: Any) -> tuple[Any, str | None]:
+    if isinstance(value, bool) or not isinstance(value, str | int | Decimal):
+        return value, "invalid_decimal"
+    try:
+        number = Decimal(value.strip() if isinstance(value, str) else value)
+    except (InvalidOperation, ValueError):
+        return value, "invalid_decimal"
+    if not number.is_finite():
+        return value, "invalid_decimal"
+    if number <= 0:
+        return value, "not_positive"
+    if number > MAX_QUANTITY or number.as_tuple().exponent < -12:  # type: ignore[operator]
+        return value, "out_of_range"
+    # Stored as a string: JSON numbers would go through float in most readers.
+    return format(number, "f"), None
+
+
+def _non_negative_int(value: Any) -> tuple[Any, str | None]:
+    if isinstance(value, bool) or not isinstance(value, int):
+        return value, "invalid_integer"
+    if value < 0:
+        return value, "negative"
+    return value, None
+
+
+def _choice(*allowed: str) -> Check:
+    def check(value: Any) -> tuple[Any, str | None]:
+        return value, (None if value in allowed else "invalid_choice")
+
+    return check
+
+
+# type -> field -> (check, required)
+DATA_SCHEMAS: dict[str, dict[str, tuple[Check, bool]]] = {
+    ACTIVITY_RECORDED: {
+        "action": (_text(64), True),
+        "quantity": (_positive_decimal, True),
+        "unit": (_text(32), True),
+        "issuer_points": (_non_negative_int, False),
+        "fingerprint": (_text(128), False),
+        "evidence": (_choice("automatic", "upload", "self_declared"), False),
+    },
+    ACTIVITY_REVERSED: {"event_id": (_text(MAX_ID), True), "reason": (_text(MAX_TEXT), True)},
+    ACCOUNT_LINKED: {"link_code": (_text(32), True)},
+    ACCOUNT_UNLINKED: {},
+    REDEMPTION_FULFILLED: {"redemption_id": (_text(64), True), "voucher": (_text(256), False)},
+    REDEMPTION_REJECTED: {"redemption_id": (_text(64), True), "reason": (_text(MAX_TEXT), True)},
+    SETTLEMENT_CONFIRMED: {
+        "instruction_id": (_text(64), True),
+        "status": (_choice("paid", "received", "disputed"), True),
+        "reference": (_text(MAX_TEXT), True),
+    },
+}
+EVENT_TYPES = frozenset(DATA_SCHEMAS)
+
+
+def _parse_time(value: Any) -> datetime | None:
+    if not isinstance(value, str) or "T" not in value.upper():
+        return None
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return moment if moment.tzinfo is not None else None
+
+
+def content_hash(event: dict[str, Any]) -> str:
+    """SHA-256 over the canonical JSON of the event as sent (keys sorted, no whitespace)."""
+    canonical = json.dumps(event, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def validate_event(event: dict[str, Any]) -> EventVerdict:
+    """Check one CloudEvent against the contract; never raises for bad input."""
+    errors: list[Error] = []
+    raw_id = event.get("id")
+    event_id = raw_id if isinstance(raw_id, str) else None
+
+    for name in event.keys() - ATTRIBUTES:
+        errors.append({"field": name, "code": "unexpected_field"})
+
+    if event.get("specversion") != "1.0":
+        errors.append({"field": "specversion", "code": "missing" if "specversion" not in event else "invalid_choice"})
+    if "id" not in event:
+        errors.append({"field": "id", "code": "missing"})
+    elif not isinstance(raw_id, str) or not raw_id:
+        errors.append({"field": "id", "code": "invalid_string"})
+    elif len(raw_id) > MAX_ID:
+        errors.append({"field": "id", "code": "too_long"})
+
+    source = event.get("source")
+    if source is None:
+        errors.append({"field": "source", "code": "missing"})
+    elif not isinstance(source, str) or not source or len(source) > MAX_SOURCE or any(c.isspace() for c in source):
+        errors.append({"field": "source", "code": "invalid_uri_reference"})
+
+    event_type = event.get("type")
+    if event_type is None:
+        errors.append({"field": "type", "code": "missing"})
+    elif event_type not in EVENT_TYPES:
+        errors.append({"field": "type", "code": "unknown_type"})
+
+    subject = event.get("subject")
+    if subject is None:
+        if event_type in SUBJECT_REQUIRED:
+            errors.append({"field": "subject", "code": "missing"})
+    elif not isinstance(subject, str) or not subject:
+        errors.append({"field": "subject", "code": "invalid_string"})
+    elif len(subject) > MAX_SUBJECT:
+        errors.append({"field": "subject", "code": "too_long"})
+
+    moment = None
+    if "time" in event:
+        moment = _parse_time(event["time"])
+        if moment is None:
+            errors.append({"field": "time", "code": "invalid_rfc3339"})
+    elif event_type in TIME_REQUIRED:
+        errors.append({"field": "time", "code": "missing"})
+
+    if "datacontenttype" in event and event["datacontenttype"] != "application/json":
+        errors.append({"field": "datacontenttype", "code": "invalid_choice"})
+
+    data = event.get("data", {})
+    clean: dict[str, Any] = {}
+    if not isinstance(data, dict):
+        errors.append({"field": "data", "code": "not_an_object"})
+    elif event_type in DATA_SCHEMAS:
+        schema = DATA_SCHEMAS[event_type]
+        for name in data.keys() - schema.keys():
+            errors.append({"field": f"data.{name}", "code": "unexpected_field"})
+        for name, (check, required) in schema.items():
+            if name not in data:
+                if required:
+                    errors.append({"field": f"data.{name}", "code": "missing"})
+                continue
+            value, problem = check(data[name])
+            if problem:
+                errors.append({"field": f"data.{name}", "code": problem})
+            else:
+                clean[name] = value
+
+    if errors:
+        return EventVerdict(event_id=event_id, errors=errors)
+    assert isinstance(event_id, str) and isinstance(event_type, str) and isinstance(source, str)
+    return EventVerdict(
+        event_id=event_id,
+        parsed=ParsedEvent(
+            event_id=event_id,
+            type=event_type,
+            source=source,
+            subject=subject,
+            time=moment,
+            data=clean,
+            content_hash=content_hash(event),
+        ),
+    )

@@ -1,0 +1,94 @@
+"""Reads of the institutions app, including the per-process credential cache of the intake."""
+
+from __future__ import annotations
+
+import base64
+import threading
+import time
+from dataclasses import dataclass
+
+from django.conf import settings
+
+from institutions import crypto
+from institutions.models import Credential, Institution
+
+
+@dataclass(frozen=True, slots=True)
+class Verifier:
+    """What the intake needs to authenticate one institution's requests."""
+
+    institution_id: int
+    code: str
+    active: bool
+    rate_limit_per_second: int
+    hmac_secrets: tuple[bytes, ...]
+    ed25519_public_keys: tuple[bytes, ...]
+
+
+_cache: dict[str, tuple[float, Verifier | None]] = {}
+_cache_lock = threading.Lock()
+
+
+def institution_verifier(code: str) -> Verifier | None:
+    """The verifier for ``code``, or None when no such institution exists.
+
+    Cached per process for ``HUB_CREDENTIAL_CACHE_SECONDS`` because the intake looks it up on every
+    request; a rotation, retirement or suspension is seen by every process within that time, and
+    at once by the process that made it.
+    """
+    now = time.monotonic()
+    hit = _cache.get(code)
+    if hit is not None and hit[0] > now:
+        return hit[1]
+    verifier = _load_verifier(code)
+    with _cache_lock:
+        _cache[code] = (now + settings.HUB_CREDENTIAL_CACHE_SECONDS, verifier)
+    return verifier
+
+
+def forget_institution(code: str) -> None:
+    with _cache_lock:
+        _cache.pop(code, None)
+
+
+def forget_all_institutions() -> None:
+    with _cache_lock:
+        _cache.clear()
+
+
+def _load_verifier(code: str) -> Verifier | None:
+    institution = Institution.objects.filter(code=code).first()
+    if institution is None:
+        return None
+    hmac_secrets: list[bytes] = []
+    public_keys: list[bytes] = []
+    credentials = Credential.objects.filter(
+        institution=institution,
+        status=Credential.Status.ACTIVE,
+        kind__in=[Credential.Kind.HMAC, Credential.Kind.ED25519],
+    ).order_by("-created_at")
+    for credential in credentials:
+        if credential.kind == Credential.Kind.HMAC:
+            hmac_secrets.append(crypto.hmac_secret_bytes(crypto.unseal(credential.secret_sealed)))
+        else:
+            public_keys.append(base64.b64decode(credential.public_key))
+    return Verifier(
+        institution_id=institution.pk,
+        code=institution.code,
+        active=institution.is_active,
+        rate_limit_per_second=institution.rate_limit_per_second or settings.HUB_INTAKE_RATE_LIMIT_PER_SECOND,
+        hmac_secrets=tuple(hmac_secrets),
+        ed25519_public_keys=tuple(public_keys),
+    )
+
+
+def institution_for_token(token: str) -> Institution | None:
+    """The active institution whose active API token this is, or None."""
+    credential = (
+        Credential.objects.select_related("institution")
+        .filter(token_hash=crypto.hash_token(token), kind=Credential.Kind.API_TOKEN, status=Credential.Status.ACTIVE)
+        .first()
+    )
+    if credential is None or not credential.institution.is_active:
+        return None
+    return credential.institution

@@ -1,0 +1,105 @@
+"""Shared fixtures: institutions with real keys, and a client that signs like an institution does."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from django.test import Client
+
+from institutions import crypto
+from institutions.models import Institution
+from institutions.selectors import forget_all_institutions
+from institutions.services import institution_register
+
+
+@dataclass
+class Sender:
+    """An institution as seen from its own side: its code, its secrets and its private key."""
+
+    institution: Institution
+    hmac_secret: str | None
+    ed25519_private: Ed25519PrivateKey | None
+    api_token: str
+
+    @property
+    def code(self) -> str:
+        return self.institution.code
+
+    @property
+    def url(self) -> str:
+        return f"/api/v1/institutions/{self.code}/events"
+
+    def headers(self, body: bytes, *, versions: tuple[str, ...] = ("v1", "v1a"), msg_id: str | None = None,
+                timestamp: int | None = None) -> dict[str, str]:
+        return crypto.webhook_headers(
+            body,
+            msg_id=msg_id or f"msg_{uuid.uuid4().hex}",
+            timestamp=int(time.time()) if timestamp is None else timestamp,
+            hmac_secrets=[crypto.hmac_secret_bytes(self.hmac_secret)] if "v1" in versions and self.hmac_secret else [],
+            ed25519_keys=[self.ed25519_private] if "v1a" in versions and self.ed25519_private else [],
+        )
+
+
+def make_sender(code: str, *, hmac: bool = True, ed25519: bool = True, provider: bool = False) -> Sender:
+    private = Ed25519PrivateKey.generate() if ed25519 else None
+    public = None
+    if private is not None:
+        from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+        public = crypto.format_public_key(private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw))
+    issued = institution_register(
+        code=code, name=code.replace("-", " ").title(), hmac=hmac, ed25519_public_key=public, is_provider=provider
+    )
+    assert issued.api_token is not None
+    return Sender(Institution.objects.get(code=code), issued.hmac_secret, private, issued.api_token)
+
+
+def activity(event_id: str | None = None, *, subject: str = "cust-1", **data: Any) -> dict[str, Any]:
+    """A valid ``carbon.activity.recorded`` event; keyword arguments override ``data`` fields."""
+    payload = {"action": "transit.metro", "quantity": "12.5", "unit": "km", **data}
+    return {
+        "specversion": "1.0",
+        "id": event_id or f"evt-{uuid.uuid4().hex[:12]}",
+        "source": "/bank/app",
+        "type": "carbon.activity.recorded",
+        "subject": subject,
+        "time": "2026-11-24T08:00:00Z",
+        "data": {k: v for k, v in payload.items() if v is not None},
+    }
+
+
+def post_events(client: Client, sender: Sender, events: Any, *, content_type: str | None = None,
+                body: bytes | None = None, **header_options: Any) -> Any:
+    """POST events signed by ``sender``; a list goes as a batch, a dict as one event."""
+    if body is None:
+        body = json.dumps(events).encode()
+    if content_type is None:
+        content_type = (
+            "application/cloudevents-batch+json" if isinstance(events, list) else "application/cloudevents+json"
+        )
+    headers = sender.headers(body, **header_options)
+    return client.post(sender.url, data=body, content_type=content_type, headers=headers)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_credential_cache() -> Iterator[None]:
+    forget_all_institutions()
+    yield
+    forget_all_institutions()
+
+
+@pytest.fixture
+def bank(db: None) -> Sender:
+    return make_sender("bank-a")
+
+
+@pytest.fixture
+def other_bank(db: None) -> Sender:
+    return make_sender("bank-b")
