@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption,
 HMAC_PREFIX = "whsec_"
 PUBLIC_KEY_PREFIX = "whpk_"
 PRIVATE_KEY_PREFIX = "whsk_"
-API_TOKEN_PREFIX = "chtok_"
+API_TOKEN_PREFIX = "chtok_"  # noqa: S105 (a prefix, not a secret)
 
 
 class MalformedKey(ValueError):

@@ -273,8 +273,9 @@ def _insert_rows(rows: list[tuple[Any, ...]]) -> set[str]:
             params.extend(ops.adapt_datetimefield_value(v) for v in row[10:])
         else:
             params.extend(row[10:])
+    # Only the fixed table name, column list and placeholders are formatted in; values are bound.
     sql = (
-        f"INSERT INTO {table} ({_COLUMNS}) VALUES {', '.join([_ROW] * len(rows))} "
+        f"INSERT INTO {table} ({_COLUMNS}) VALUES {', '.join([_ROW] * len(rows))} "  # noqa: S608
         "ON CONFLICT (institution_id, event_id) DO NOTHING RETURNING event_id"
     )
     with connection.cursor() as cursor:

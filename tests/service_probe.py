@@ -44,7 +44,8 @@ def _probe() -> tuple[str, str, list[str]]:
     database_url = os.environ.get("DATABASE_URL") or DEFAULT_DATABASE_URL
     redis_url = os.environ.get("REDIS_URL") or DEFAULT_REDIS_URL
 
-    pg_error = _postgres_ok(database_url) if database_url.startswith(("postgres://", "postgresql://")) else "not a postgres URL"
+    is_postgres = database_url.startswith(("postgres://", "postgresql://"))
+    pg_error = _postgres_ok(database_url) if is_postgres else "not a PostgreSQL URL"
     if pg_error is None:
         os.environ["DATABASE_URL"] = database_url
         database = f"PostgreSQL ({database_url.rsplit('@', 1)[-1]})"
