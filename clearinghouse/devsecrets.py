@@ -44,11 +44,16 @@ def dev_secret(name: str, folder: Path) -> str:
         tmp.write_text(json.dumps(stored, indent=2))
         tmp.chmod(0o600)
         tmp.replace(path)
-    if name not in _announced:
-        _announced.add(name)
+    _announced.add(name)
+    return stored[name]
+
+
+def announce_dev_secrets() -> None:
+    """Say once, on stderr, which secrets the embedded default generated instead of reading."""
+    if _announced:
         print(
-            f"clearinghouse: {name} is not set; using a generated development value from {path.name}. "
-            "Set it in the environment for production.",
+            f"clearinghouse: using generated development values for {', '.join(sorted(_announced))} "
+            "(var/dev-secrets.json); set them in the environment for production.",
             file=sys.stderr,
         )
-    return stored[name]
+        _announced.clear()

@@ -153,8 +153,9 @@ def problem_exception_handler(exc: Exception, context: dict[str, Any]) -> Respon
             status=exc.status_code,
             content_type=PROBLEM_CONTENT_TYPE,
         )
-        if isinstance(exc, drf_exceptions.Throttled) and exc.wait is not None:
-            response["Retry-After"] = str(int(exc.wait) + 1)
+        wait = getattr(exc, "wait", None)
+        if isinstance(exc, drf_exceptions.Throttled) and wait is not None:
+            response["Retry-After"] = str(int(wait) + 1)
         if getattr(exc, "auth_header", None):
             response["WWW-Authenticate"] = exc.auth_header  # type: ignore[attr-defined]
         return response

@@ -13,7 +13,7 @@ from pathlib import Path
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
-from clearinghouse.devsecrets import dev_secret
+from clearinghouse.devsecrets import announce_dev_secrets, dev_secret
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(os.environ.get("CLEARINGHOUSE_VAR_DIR", BASE_DIR / "var"))
@@ -106,7 +106,7 @@ else:
     DATABASES = {
         "default": {
             "ENGINE": "django.db.backends.sqlite3",
-            "NAME": VAR_DIR / "clearinghouse.sqlite3",
+            "NAME": str(VAR_DIR / "clearinghouse.sqlite3"),
             # Writers queue instead of failing at once: the embedded hub runs web and tasks together.
             "OPTIONS": {"timeout": 20, "transaction_mode": "IMMEDIATE"},
         }
@@ -228,3 +228,5 @@ LOGGING = {
     "root": {"handlers": ["console"], "level": os.environ.get("LOG_LEVEL", "INFO")},
     "loggers": {"django.server": {"level": "WARNING"}},
 }
+
+announce_dev_secrets()

@@ -1,5 +1,5 @@
 from django.contrib import admin
-from django.urls import include, path
+from django.urls import URLPattern, URLResolver, include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from clearinghouse import health
@@ -7,7 +7,7 @@ from clearinghouse import health
 handler404 = "clearinghouse.errors.api_not_found"
 handler500 = "clearinghouse.errors.api_server_error"
 
-api_v1 = [
+api_v1: list[URLPattern | URLResolver] = [
     path("", include("institutions.urls")),
     path("schema/", SpectacularAPIView.as_view(), name="schema"),
     path("docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),

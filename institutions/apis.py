@@ -16,7 +16,7 @@ from rest_framework.views import APIView
 from clearinghouse.errors import InvalidEvents, NotFound
 from institutions import intake
 from institutions.authentication import InstitutionTokenAuthentication
-from institutions.models import InboxEvent
+from institutions.models import InboxEvent, Institution
 from institutions.services import hub_public_keys
 
 PROBLEM = OpenApiResponse(description="RFC 9457 problem document (application/problem+json).")
@@ -116,6 +116,7 @@ class EventStatusApi(APIView):
     )
     def get(self, request: Request, code: str, event_id: str) -> Response:
         institution = request.auth
+        assert isinstance(institution, Institution)  # set by InstitutionTokenAuthentication
         # A token sees only its own institution: another code answers like a missing event.
         event = (
             InboxEvent.objects.filter(institution=institution, event_id=event_id).first()
