@@ -218,6 +218,22 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = HUB_INTAKE_MAX_BYTES + 64 * 1024
 
 HUB_ALLOW_PRIVATE_ENDPOINTS = env_flag("HUB_ALLOW_PRIVATE_ENDPOINTS")
 
+# --- Persons and links ------------------------------------------------------------------------------
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator", "OPTIONS": {"min_length": 10}},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+# A link code lives this long, and a person holds at most this many live (unused, unexpired) codes.
+HUB_LINK_CODE_TTL_SECONDS = env_int("HUB_LINK_CODE_TTL_SECONDS", 600)
+HUB_LINK_CODES_LIVE_MAX = env_int("HUB_LINK_CODES_LIVE_MAX", 5)
+# Failed link attempts (wrong, expired or reused codes) an institution may make in a sliding hour;
+# beyond it, attempts are refused unchecked. Codes carry 40 bits: at 20 guesses an hour, even a million
+# live codes at once take years of guessing to hit one.
+HUB_LINK_MAX_FAILURES_PER_HOUR = env_int("HUB_LINK_MAX_FAILURES_PER_HOUR", 20)
+
 # --- Logging ----------------------------------------------------------------------------------------
 
 LOGGING = {
@@ -230,3 +246,8 @@ LOGGING = {
 }
 
 announce_dev_secrets()
+
+# --- The unified standard ---------------------------------------------------------------------------
+
+# Caps count per local day, month and year, and factor versions take effect on local dates.
+HUB_STANDARD_TIMEZONE = os.environ.get("HUB_STANDARD_TIMEZONE", "Asia/Shanghai")

@@ -9,6 +9,8 @@ handler500 = "clearinghouse.errors.api_server_error"
 
 api_v1: list[URLPattern | URLResolver] = [
     path("", include("institutions.urls")),
+    path("", include("wallets.urls")),
+    path("", include("methodology.urls")),
     path("schema/", SpectacularAPIView.as_view(), name="schema"),
     path("docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),
 ]

@@ -1,0 +1,171 @@
+"""Normalization throughput: recorded activities measured in batches through the real dispatcher
+and handler on PostgreSQL, one worker process.
+
+    .venv/bin/python bench/normalize.py [--events 50000] [--batch 1000] [--repeats 3]
+
+Creates a scratch database ``bench_normalize`` (dropped and recreated each repeat), stores signed-off
+events through the real intake service (not timed), then times claim + handler + status writes until
+the inbox is empty. Reports the median of the repeats and, as the in-session baseline, the time to
+claim and mark the same rows processed with a no-op handler (the dispatcher's own cost).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+ADMIN_URL = os.environ.get("BENCH_ADMIN_URL", "postgres://postgres@127.0.0.1:5432/postgres")
+DB_NAME = "bench_normalize"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--events", type=int, default=50_000)
+    parser.add_argument("--batch", type=int, default=1000, help="inbox rows claimed per batch")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--subjects", type=int, default=5_000, help="distinct unlinked subjects")
+    args = parser.parse_args()
+
+    import psycopg
+
+    def recreate() -> None:
+        with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {DB_NAME} WITH (FORCE)")
+            conn.execute(f"CREATE DATABASE {DB_NAME}")
+
+    recreate()
+    os.environ["DATABASE_URL"] = ADMIN_URL.rsplit("/", 1)[0] + "/" + DB_NAME
+    os.environ.pop("REDIS_URL", None)
+    os.environ["HUB_INBOX_BATCH_SIZE"] = str(args.batch)
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "clearinghouse.settings")
+    os.environ["DJANGO_DEBUG"] = "0"
+    os.environ.setdefault("DJANGO_SECRET_KEY", "bench-only-secret-key-not-for-production-use-0123456789")
+    import django
+
+    django.setup()
+    from django.core.management import call_command
+    from django.db import connection, transaction
+
+    from institutions import inbox, intake
+    from institutions.handlers import Outcome, handler_for, register, unregister
+    from institutions.models import InboxEvent
+    from institutions.selectors import institution_verifier
+    from institutions.services import institution_register
+    from methodology import standard
+    from methodology.models import NormalizedActivity
+
+    actions = [
+        ("transit.metro", "km", lambda r: f"{r.randint(1, 400) / 10}"),
+        ("mobility.walking", "step", lambda r: str(r.randint(500, 12000))),
+        ("paper.e_bill", "bill", lambda r: "1"),
+        ("food.clean_plate", "checkin", lambda r: "1"),
+        ("transit.bus", "trip", lambda r: "1"),
+        ("energy.electricity_saved", "Wh", lambda r: str(r.randint(100, 5000))),
+    ]
+
+    def load() -> None:
+        connection.close()
+        recreate()
+        call_command("migrate", "--noinput", verbosity=0)
+        standard._cached = None  # a new database: forget the previous one's registry
+        institution_register(code="bench-bank", name="Bench bank", hmac=True)
+        verifier = institution_verifier("bench-bank")
+        rng = random.Random(7)
+        original = intake._kick_processing
+        intake._kick_processing = lambda: None  # store only; the timed loop below processes
+        try:
+            for start in range(0, args.events, 1000):
+                events = []
+                for n in range(start, min(start + 1000, args.events)):
+                    action, unit, quantity = rng.choice(actions)
+                    data = {"action": action, "quantity": quantity(rng), "unit": unit}
+                    if rng.random() < 0.2:
+                        data["fingerprint"] = f"fp-{rng.randint(0, args.events // 4)}"
+                    events.append(
+                        {
+                            "specversion": "1.0",
+                            "id": f"e{n}",
+                            "source": "/bench",
+                            "type": "carbon.activity.recorded",
+                            "subject": f"s{rng.randint(0, args.subjects)}",
+                            "time": "2026-11-24T08:00:00Z",
+                            "data": data,
+                        }
+                    )
+                intake.events_store(verifier=verifier, webhook_id=f"w{start}", events=events)
+        finally:
+            intake._kick_processing = original
+
+    def drain() -> float:
+        started = time.perf_counter()
+        while ids := inbox.inbox_claim():
+            inbox.inbox_process(ids)
+        return time.perf_counter() - started
+
+    def handler_alone() -> float:
+        """Time only the registered handler with its own writes, one transaction per batch, on
+        inbox rows loaded beforehand: normalization without the dispatcher's claim and status writes."""
+        handler = handler_for("carbon.activity.recorded")
+        assert handler is not None
+        ids = list(InboxEvent.objects.order_by("id").values_list("id", flat=True))
+        batches = [
+            list(InboxEvent.objects.filter(pk__in=ids[i : i + args.batch]).order_by("id"))
+            for i in range(0, len(ids), args.batch)
+        ]
+        elapsed = 0.0
+        for batch in batches:
+            started = time.perf_counter()
+            with transaction.atomic():
+                outcomes = handler(batch)
+            elapsed += time.perf_counter() - started
+            assert all(o.status == "processed" for o in outcomes)
+        return elapsed
+
+    alone, full, baseline = [], [], []
+    for repeat in range(args.repeats):
+        load()
+        alone.append(args.events / handler_alone())
+        assert NormalizedActivity.objects.count() == args.events
+
+        load()
+        full.append(args.events / drain())
+        processed = InboxEvent.objects.filter(status="processed").count()
+        assert processed == args.events, f"only {processed} of {args.events} processed"
+        assert NormalizedActivity.objects.count() == args.events
+
+        load()
+        handler = handler_for("carbon.activity.recorded")
+        unregister("carbon.activity.recorded")
+        register("carbon.activity.recorded")(lambda events: [Outcome.processed() for _ in events])
+        try:
+            baseline.append(args.events / drain())
+        finally:
+            unregister("carbon.activity.recorded")
+            register("carbon.activity.recorded")(handler)
+        print(
+            f"repeat {repeat + 1}: handler alone {alone[-1]:,.0f}/s, through the dispatcher {full[-1]:,.0f}/s, "
+            f"dispatcher with a no-op handler {baseline[-1]:,.0f}/s",
+            file=sys.stderr,
+        )
+
+    connection.close()
+    a, f, b = statistics.median(alone), statistics.median(full), statistics.median(baseline)
+    print(f"events: {args.events:,}, batches of {args.batch}, medians of {args.repeats} runs")
+    print("| measurement | activities/s |")
+    print("|---|---|")
+    print(f"| normalization handler alone (measure, caps, fingerprints, COPY of activities) | {a:,.0f} |")
+    print(f"| through the dispatcher (claim, handler, status writes) | {f:,.0f} |")
+    print(f"| baseline: dispatcher with a no-op handler | {b:,.0f} |")
+    print(f"| ratio: dispatcher path / no-op baseline | {f / b:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

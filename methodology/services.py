@@ -1,0 +1,330 @@
+"""Normalization: turn recorded activity events into measured, capped, de-duplicated activities."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import date
+from decimal import ROUND_HALF_EVEN, Context, Decimal, localcontext
+from typing import Any
+
+from django.db import connection, transaction
+from django.utils import timezone
+
+from clearinghouse.db import copy_rows
+from institutions.handlers import Outcome
+from institutions.models import InboxEvent
+from methodology.models import ActFingerprint, CapUsage, NormalizedActivity, StandardRevision
+from methodology.standard import Resolved, Unresolved, current_standard, period_start
+from wallets.selectors import persons_for_subjects
+
+# Wide enough that quantity x factor x 1000 is exact for every value the intake accepts
+# (12 + 12 integer and fractional digits times a 20-digit factor).
+EXACT = Context(prec=80)
+THOUSAND = Decimal(1000)
+ZERO = Decimal(0)
+ONE = Decimal(1)
+GRAMS_DISPLAY = Decimal("0.001")
+
+Status = NormalizedActivity.Status
+Reason = NormalizedActivity.Reason
+
+
+def owner_key(*, person_id: int | None, institution_id: int, subject_ref: str) -> str:
+    return f"p:{person_id}" if person_id is not None else f"s:{institution_id}:{subject_ref}"
+
+
+def owners_lock(keys: Iterable[str]) -> None:
+    """Serialize work per owner for the rest of the transaction (PostgreSQL advisory locks).
+
+    Caps and fingerprints are read-then-written per owner; two workers holding events of the same
+    person must not both see the cap unused. Locks are taken in ascending key order, so two batches
+    that share owners cannot deadlock. SQLite has one writer at a time and needs nothing.
+    """
+    if connection.vendor != "postgresql":
+        return
+    lock_ids = sorted(
+        {int.from_bytes(hashlib.blake2b(k.encode(), digest_size=8).digest(), "big", signed=True) for k in keys}
+    )
+    if lock_ids:
+        with connection.cursor() as cursor:
+            # unnest yields the array in order and the projection runs row by row: locks follow the sort.
+            cursor.execute("SELECT pg_advisory_xact_lock(x) FROM unnest(%s::bigint[]) AS x", [lock_ids])
+
+
+@dataclass(slots=True)
+class _Plan:
+    index: int
+    event: InboxEvent
+    resolved: Resolved
+    owner: str
+    person_id: int | None
+    fingerprint: str
+    evidence: str
+    issuer_points: int | None
+
+
+def activities_normalize(*, events: Sequence[InboxEvent]) -> list[Outcome]:
+    """Measure each ``carbon.activity.recorded`` event under the standard; one outcome per event.
+
+    Must run inside the dispatcher's transaction. Guarantees, also under concurrent workers:
+    an event yields at most one activity (unique on the inbox row; a replayed row is not measured
+    twice); per owner, caps hold across every institution and a fingerprint is credited once.
+    Events that cannot be measured are quarantined with their reason, never dropped.
+    """
+    standard = current_standard()
+    outcomes: list[Outcome | None] = [None] * len(events)
+
+    measured = _already_measured([e.pk for e in events])
+    persons = persons_for_subjects((e.institution_id, e.subject_ref) for e in events)
+    plans: list[_Plan] = []
+    for index, event in enumerate(events):
+        if event.pk in measured:  # handed again after a crash or a replay: report, don't measure twice
+            outcomes[index] = Outcome.processed(activity_outcome(measured[event.pk]))
+            continue
+        data = event.data
+        assert event.time is not None  # required by the envelope for this type
+        resolved = standard.resolve(
+            event.institution_id, data["action"], Decimal(data["quantity"]), data["unit"], event.time
+        )
+        if isinstance(resolved, Unresolved):
+            outcomes[index] = Outcome.quarantined(
+                resolved.reason, {"reason": resolved.reason, "detail": resolved.detail}
+            )
+            continue
+        person_id = persons.get((event.institution_id, event.subject_ref))
+        plans.append(
+            _Plan(
+                index=index,
+                event=event,
+                resolved=resolved,
+                owner=owner_key(
+                    person_id=person_id, institution_id=event.institution_id, subject_ref=event.subject_ref
+                ),
+                person_id=person_id,
+                fingerprint=data.get("fingerprint", ""),
+                evidence=data.get("evidence", "automatic"),
+                issuer_points=data.get("issuer_points"),
+            )
+        )
+    if plans:
+        for plan, outcome in zip(plans, _measure(plans, standard.evidence_weights), strict=True):
+            outcomes[plan.index] = outcome
+    assert all(o is not None for o in outcomes)
+    return outcomes  # type: ignore[return-value]
+
+
+def _already_measured(inbox_ids: list[int]) -> dict[int, NormalizedActivity]:
+    """Activities that exist for these inbox rows (normally none: one cheap probe before the join)."""
+    if not NormalizedActivity.objects.filter(
+        inbox_event_id__gte=min(inbox_ids), inbox_event_id__lte=max(inbox_ids)
+    ).exists():
+        return {}
+    activities = NormalizedActivity.objects.filter(inbox_event_id__in=inbox_ids).select_related(
+        "scenario", "factor_version__scenario"
+    )
+    return {a.inbox_event_id: a for a in activities}
+
+
+_ACTIVITY_COLUMNS = (
+    "inbox_event_id",
+    "institution_id",
+    "person_id",
+    "subject_ref",
+    "owner_key",
+    "scenario_id",
+    "factor_version_id",
+    "quantity",
+    "credited_quantity",
+    "grams",
+    "credited_mg",
+    "issuer_points",
+    "evidence",
+    "fingerprint",
+    "occurred_at",
+    "status",
+    "reason",
+    "created_at",
+)
+
+
+def _measure(plans: list[_Plan], weights: dict[str, Decimal]) -> list[Outcome]:
+    """Apply fingerprints and caps in event order under the owners' locks, then write everything in
+    bulk: activities and fingerprints by COPY, cap usage by one upsert."""
+    owners_lock(plan.owner for plan in plans)
+
+    fingerprinted = {(p.owner, p.fingerprint) for p in plans if p.fingerprint}
+    seen_fingerprints: set[tuple[str, str]] = set()
+    if fingerprinted:
+        seen_fingerprints = set(
+            ActFingerprint.objects.filter(
+                owner_key__in={owner for owner, _ in fingerprinted}, fingerprint__in={fp for _, fp in fingerprinted}
+            ).values_list("owner_key", "fingerprint")
+        )
+    usage = _usage_load(
+        {
+            (p.owner, p.resolved.scenario.id, period, period_start(period, p.resolved.local_day))
+            for p in plans
+            for period, _ in p.resolved.scenario.caps
+        }
+    )
+    touched: set[UsageKey] = set()
+
+    now = timezone.now()
+    activity_rows: list[tuple[Any, ...]] = []
+    fingerprint_rows: list[tuple[Any, ...]] = []
+    outcomes: list[Outcome] = []
+    with localcontext(EXACT):
+        for plan in plans:
+            resolved = plan.resolved
+            scenario, factor, quantity = resolved.scenario, resolved.factor, resolved.quantity
+            grams = quantity * factor.grams_per_unit
+            credited_quantity = quantity
+            status, reason = Status.CREDITED, ""
+            print_key = (plan.owner, plan.fingerprint)
+            if plan.fingerprint and print_key in seen_fingerprints:
+                credited_quantity, status, reason = ZERO, Status.DUPLICATE, Reason.DUPLICATE_ACT
+            else:
+                if scenario.caps:
+                    keys = [
+                        (plan.owner, scenario.id, period, period_start(period, resolved.local_day))
+                        for period, _ in scenario.caps
+                    ]
+                    for key, (_, maximum) in zip(keys, scenario.caps, strict=True):
+                        room = max(maximum - usage.get(key, ZERO), ZERO)
+                        if room < credited_quantity:
+                            credited_quantity, reason = room, Reason.CAP_REACHED
+                    for key in keys:
+                        usage[key] = usage.get(key, ZERO) + credited_quantity
+                        touched.add(key)
+                    if credited_quantity == ZERO:
+                        status = Status.CAPPED
+                if plan.fingerprint and status == Status.CREDITED:
+                    seen_fingerprints.add(print_key)
+                    fingerprint_rows.append((plan.owner, plan.fingerprint, plan.event.pk, now))
+            weight = weights.get(plan.evidence, ONE)
+            credited_mg = int(
+                (credited_quantity * factor.grams_per_unit * THOUSAND * weight).quantize(ONE, ROUND_HALF_EVEN)
+            )
+            event = plan.event
+            activity_rows.append(
+                (
+                    event.pk,
+                    event.institution_id,
+                    plan.person_id,
+                    event.subject_ref,
+                    plan.owner,
+                    scenario.id,
+                    factor.id,
+                    quantity,
+                    credited_quantity,
+                    grams,
+                    credited_mg,
+                    plan.issuer_points,
+                    plan.evidence,
+                    plan.fingerprint,
+                    event.time,
+                    status,
+                    reason,
+                    now,
+                )
+            )
+            outcomes.append(
+                Outcome.processed(
+                    _outcome(scenario.code, quantity, scenario.unit, grams, credited_mg, factor.label, status, reason)
+                )
+            )
+
+    copy_rows(NormalizedActivity, _ACTIVITY_COLUMNS, activity_rows)
+    copy_rows(ActFingerprint, ("owner_key", "fingerprint", "inbox_event_id", "created_at"), fingerprint_rows)
+    if touched:
+        _usage_save({key: usage[key] for key in touched})
+    return outcomes
+
+
+UsageKey = tuple[str, int, str, date]
+
+
+def _usage_load(keys: set[UsageKey]) -> dict[UsageKey, Decimal]:
+    if not keys:
+        return {}
+    if connection.vendor != "postgresql":
+        rows = CapUsage.objects.filter(
+            owner_key__in={k[0] for k in keys}, scenario_id__in={k[1] for k in keys}
+        ).values_list("owner_key", "scenario_id", "period", "period_start", "used_quantity")
+        return {(o, s, p, d): used for o, s, p, d, used in rows if (o, s, p, d) in keys}
+    owners, scenarios, periods, starts = (list(column) for column in zip(*keys, strict=True))
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"""SELECT u.owner_key, u.scenario_id, u.period, u.period_start, u.used_quantity
+                  FROM {CapUsage._meta.db_table} u
+                  JOIN unnest(%s::text[], %s::bigint[], %s::text[], %s::date[]) AS k(o, s, p, d)
+                    ON u.owner_key = k.o AND u.scenario_id = k.s AND u.period = k.p AND u.period_start = k.d""",  # noqa: S608
+            [owners, scenarios, periods, starts],
+        )
+        return {(o, s, p, d): used for o, s, p, d, used in cursor.fetchall()}
+
+
+def _usage_save(values: dict[UsageKey, Decimal]) -> None:
+    """Write absolute usage figures; safe because the owners are locked for this transaction."""
+    if connection.vendor != "postgresql":
+        CapUsage.objects.bulk_create(
+            [
+                CapUsage(owner_key=o, scenario_id=s, period=p, period_start=d, used_quantity=used)
+                for (o, s, p, d), used in values.items()
+            ],
+            update_conflicts=True,
+            unique_fields=["owner_key", "scenario", "period", "period_start"],
+            update_fields=["used_quantity"],
+        )
+        return
+    keys = sorted(values)  # a fixed order: concurrent upserts of other owners never interleave badly
+    owners, scenarios, periods, starts = (list(column) for column in zip(*keys, strict=True))
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"""INSERT INTO {CapUsage._meta.db_table} (owner_key, scenario_id, period, period_start, used_quantity)
+                SELECT * FROM unnest(%s::text[], %s::bigint[], %s::text[], %s::date[], %s::numeric[])
+                ON CONFLICT (owner_key, scenario_id, period, period_start)
+                DO UPDATE SET used_quantity = EXCLUDED.used_quantity""",  # noqa: S608
+            [owners, scenarios, periods, starts, [values[k] for k in keys]],
+        )
+
+
+def _outcome(
+    scenario: str, quantity: Decimal, unit: str, grams: Decimal, credited_mg: int, factor: str, status: str, reason: str
+) -> dict[str, Any]:
+    """The ``outcome`` the event status endpoint shows for a measured activity (CONTRACT section 2)."""
+    return {
+        "scenario": scenario,
+        "quantity": format(quantity.normalize(), "f"),
+        "unit": unit,
+        "grams": str(grams.quantize(GRAMS_DISPLAY, ROUND_HALF_EVEN)),
+        "points": credited_mg // 1000,
+        "credited_mg": credited_mg,
+        "factor_version": factor,
+        "status": status,
+        "reason": reason or None,
+    }
+
+
+def activity_outcome(activity: NormalizedActivity) -> dict[str, Any]:
+    return _outcome(
+        activity.scenario.code,
+        activity.quantity,
+        activity.scenario.unit,
+        activity.grams,
+        activity.credited_mg,
+        activity.factor_version.label,
+        activity.status,
+        activity.reason,
+    )
+
+
+@transaction.atomic
+def standard_changed() -> None:
+    """Bump the registry revision so every worker reloads its snapshot before its next batch."""
+    token = uuid.uuid4().hex
+    if not StandardRevision.objects.update(token=token, changed_at=timezone.now()):
+        StandardRevision.objects.create(token=token)

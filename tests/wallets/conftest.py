@@ -1,0 +1,85 @@
+"""Builders for the wallets tests: persons made through the real signup, link events sent through the
+real signed intake and drained by the real dispatcher."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from institutions.models import InboxEvent
+from tests.conftest import Sender, post_events
+from wallets.models import Person
+from wallets.services import person_signup
+
+PASSWORD = "a long and unusual passphrase"
+
+
+@pytest.fixture(autouse=True)
+def _fast_password_hashing(settings: Any) -> None:
+    # The default hasher is slow on purpose; these tests check behaviour, not hashing cost.
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
+def make_person(username: str) -> tuple[Person, str]:
+    """A person signed up through the service, and their API token."""
+    signed_up = person_signup(username=username, password=PASSWORD)
+    return signed_up.person, signed_up.token
+
+
+def auth(token: str) -> dict[str, str]:
+    return {"Authorization": f"Token {token}"}
+
+
+def new_code(client: Any, token: str) -> str:
+    response = client.post("/api/v1/me/link-codes", headers=auth(token))
+    assert response.status_code == 201, response.content
+    return str(response.json()["code"])
+
+
+def link_event(code: str, *, subject: str = "cust-77", event_id: str | None = None) -> dict[str, Any]:
+    return {
+        "specversion": "1.0",
+        "id": event_id or f"link-{uuid.uuid4().hex[:12]}",
+        "source": "/bank",
+        "type": "carbon.account.linked",
+        "subject": subject,
+        "data": {"link_code": code},
+    }
+
+
+def unlink_event(*, subject: str = "cust-77", event_id: str | None = None) -> dict[str, Any]:
+    return {
+        "specversion": "1.0",
+        "id": event_id or f"unlink-{uuid.uuid4().hex[:12]}",
+        "source": "/bank",
+        "type": "carbon.account.unlinked",
+        "subject": subject,
+        "data": {},
+    }
+
+
+Deliver = Callable[..., list[InboxEvent]]
+
+
+@pytest.fixture
+def deliver(client: Any, django_capture_on_commit_callbacks: Any) -> Deliver:
+    """Send events signed by ``sender`` (one request; a batch when several) and return their inbox
+    rows after the dispatcher drained them on commit."""
+
+    def send(sender: Sender, *events: dict[str, Any]) -> list[InboxEvent]:
+        with django_capture_on_commit_callbacks(execute=True):
+            response = post_events(client, sender, list(events) if len(events) > 1 else events[0])
+        assert response.status_code == 202, response.content
+        return [InboxEvent.objects.get(institution=sender.institution, event_id=e["id"]) for e in events]
+
+    return send
+
+
+def outcome(row: InboxEvent) -> dict[str, Any]:
+    """The outcome of a row, asserting the dispatcher processed it (a refused link is not an error)."""
+    assert row.status == InboxEvent.Status.PROCESSED, (row.status, row.last_error)
+    assert row.outcome is not None
+    return row.outcome

@@ -1,0 +1,336 @@
+"""Writes of the wallets app: persons, link codes, and binding institution subjects to persons.
+
+Linking (DESIGN.md, identity and privacy): a person asks the hub for a link code and gives it to an
+institution, which sends ``carbon.account.linked`` for its own subject with that code. The hub then
+binds (institution, subject) to the person in a :class:`~wallets.models.Membership`.
+
+A code is 8 characters of Crockford's base32 (no I, L, O or U), so 40 random bits, single use, live
+for ``HUB_LINK_CODE_TTL_SECONDS``. The hub keeps only its keyed hash. An institution presenting a
+bad code is told why (``wrong_code``, ``expired``, ``reused``) and every attempt is logged as a
+:class:`~wallets.models.LinkAttempt`; past ``HUB_LINK_MAX_FAILURES_PER_HOUR`` failures the
+institution's attempts are refused (``throttled``) without looking at the code, so guessing cannot
+outrun the limit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import re
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from math import ceil
+
+from cryptography.fernet import InvalidToken
+from django.conf import settings
+from django.contrib.auth import authenticate, get_user_model
+from django.contrib.auth.password_validation import validate_password
+from django.core.exceptions import ValidationError as DjangoValidationError
+from django.db import IntegrityError, transaction
+from django.db.models import Min
+from django.utils import timezone
+from rest_framework.authtoken.models import Token
+
+from institutions import crypto
+from institutions.models import Institution
+from wallets.exceptions import InvalidCredentials, InvalidPassword, LinkNotFound, TooManyLinkCodes, UsernameTaken
+from wallets.models import LinkAttempt, LinkCode, Membership, Person
+
+logger = logging.getLogger(__name__)
+
+Result = LinkAttempt.Result
+EndedBy = Membership.EndedBy
+
+CODE_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+CODE_LENGTH = 8
+# Crockford's decoding: a person who reads 1 or 0 may type I, L or O.
+_CONFUSABLES = str.maketrans({"I": "1", "L": "1", "O": "0"})
+_SEPARATORS = re.compile(r"[\s-]+")
+# Results that count against an institution's hourly budget of failed attempts: the code did not pan
+# out. A refusal for a valid code (subject_taken, person_has_other_account) is not a guess.
+FAILED_RESULTS = (Result.WRONG_CODE, Result.EXPIRED, Result.REUSED)
+LINKED_RESULTS = (Result.LINKED, Result.ALREADY_LINKED)
+
+
+# --- Persons ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SignedUp:
+    person: Person
+    token: str
+
+
+@transaction.atomic
+def person_signup(*, username: str, password: str) -> SignedUp:
+    """Create a user, its person and its API token.
+
+    Usernames are unique regardless of case (``Alice`` and ``alice`` would be one person to a reader).
+    Raises :class:`UsernameTaken`, or :class:`InvalidPassword` with the validators' ``errors``.
+    """
+    user_model = get_user_model()
+    username = user_model.normalize_username(username)
+    if user_model._default_manager.filter(username__iexact=username).exists():
+        raise UsernameTaken(f"The username {username!r} is taken.")
+    try:
+        validate_password(password, user=user_model(username=username))
+    except DjangoValidationError as exc:
+        errors = [
+            {"field": "password", "code": e.code or "invalid", "message": " ".join(e.messages)} for e in exc.error_list
+        ]
+        raise InvalidPassword("; ".join(e["message"] for e in errors), errors=errors) from exc
+    try:
+        with transaction.atomic():
+            user = user_model._default_manager.create_user(username=username, password=password)
+    except IntegrityError as exc:  # a concurrent signup took the name between the check and the insert
+        raise UsernameTaken(f"The username {username!r} is taken.") from exc
+    person = Person.objects.create(user=user)
+    token = Token.objects.create(user=user)
+    return SignedUp(person=person, token=token.key)
+
+
+def person_token_obtain(*, username: str, password: str) -> str:
+    """The API token of the person with these credentials (the same token on every call).
+
+    Raises :class:`InvalidCredentials` for a wrong password, an unknown or inactive user, and a user
+    that is not a person (operators use the admin, not person tokens), alike.
+    """
+    user = authenticate(username=username, password=password)
+    if user is None or not Person.objects.filter(user_id=user.pk).exists():
+        raise InvalidCredentials("Unknown username or wrong password.", headers={"WWW-Authenticate": "Token"})
+    token, _ = Token.objects.get_or_create(user=user)
+    return token.key
+
+
+# --- Link codes -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedLinkCode:
+    """A new code in clear, shown to its person once."""
+
+    code: str
+    expires_at: datetime
+
+
+def link_code_normalize(code: str) -> str | None:
+    """The canonical form of a code as typed (any case, spaces or dashes, I/L/O for 1/0), or None when
+    it cannot be a code at all."""
+    cleaned = _SEPARATORS.sub("", code).upper().translate(_CONFUSABLES)
+    if len(cleaned) != CODE_LENGTH or not all(c in CODE_ALPHABET for c in cleaned):
+        return None
+    return cleaned
+
+
+def link_code_hash(code: str) -> str:
+    """Keyed hash of a normalized code: without the hub's key, a database reader cannot test guesses."""
+    message = b"link-code\x00" + code.encode()
+    return hmac.new(settings.HUB_SUBJECT_KEY.encode(), message, hashlib.sha256).hexdigest()
+
+
+@transaction.atomic
+def link_code_create(*, person: Person) -> IssuedLinkCode:
+    """Issue a fresh single-use code for ``person``; only its hash is stored.
+
+    Locks the person row, so concurrent requests cannot exceed ``HUB_LINK_CODES_LIVE_MAX`` live codes.
+    Raises :class:`TooManyLinkCodes` (with ``Retry-After``: when the soonest live code expires).
+    """
+    Person.objects.select_for_update(no_key=True).get(pk=person.pk)
+    now = timezone.now()
+    live = LinkCode.objects.filter(person=person, used_at__isnull=True, expires_at__gt=now)
+    if live.count() >= settings.HUB_LINK_CODES_LIVE_MAX:
+        soonest = live.aggregate(soonest=Min("expires_at"))["soonest"]
+        wait = max(1, ceil((soonest - now).total_seconds()))
+        raise TooManyLinkCodes(
+            f"At most {settings.HUB_LINK_CODES_LIVE_MAX} live link codes; use one or wait until one expires.",
+            headers={"Retry-After": str(wait)},
+        )
+    expires_at = now + timedelta(seconds=settings.HUB_LINK_CODE_TTL_SECONDS)
+    for _ in range(8):
+        code = "".join(secrets.choice(CODE_ALPHABET) for _ in range(CODE_LENGTH))
+        try:
+            with transaction.atomic():
+                LinkCode.objects.create(
+                    person=person, code_hash=link_code_hash(code), expires_at=expires_at, created_at=now
+                )
+        except IntegrityError:
+            # This code was issued before (hashes are unique over all time, so a lookup is never
+            # ambiguous); draw another.
+            continue
+        return IssuedLinkCode(code=code, expires_at=expires_at)
+    raise RuntimeError("Could not draw an unused link code in 8 tries; the code space is exhausted.")
+
+
+# --- Linking ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class LinkDecision:
+    result: Result
+    membership: Membership | None = None
+
+    @property
+    def linked(self) -> bool:
+        return self.result in LINKED_RESULTS
+
+
+@transaction.atomic
+def account_link(
+    *, institution: Institution, subject_ref: str, subject_sealed: str, link_code: str, event_id: str = ""
+) -> LinkDecision:
+    """Bind the institution's subject to the person who made ``link_code``, if the code allows it.
+
+    Never raises for a bad code: every attempt is recorded as a :class:`LinkAttempt` and its result
+    returned, so a wrong code is an answer to the institution, not an error of the hub. The code is
+    used up only by a successful link (``linked``, ``already_linked``); a valid code refused for
+    ``subject_taken`` or ``person_has_other_account`` stays live for its person.
+
+    Idempotent: the same subject presented again with a code that linked it to its person (or with a
+    fresh code of that person) answers ``already_linked`` and changes nothing else.
+
+    Locks the institution row (``FOR NO KEY UPDATE``, which the intake's inserts of that institution's
+    events do not wait for) so the failure budget holds across concurrent workers, and the code row.
+    """
+    if not subject_ref or not subject_sealed:
+        raise ValueError("A link needs the subject's keyed hash and its sealed copy.")
+    Institution.objects.select_for_update(no_key=True).get(pk=institution.pk)
+    now = timezone.now()
+
+    def decide(result: Result, *, person_id: int | None = None, membership: Membership | None = None) -> LinkDecision:
+        LinkAttempt.objects.create(
+            institution=institution, result=result, person_id=person_id, event_id=event_id, created_at=now
+        )
+        if result in FAILED_RESULTS or result == Result.THROTTLED:
+            logger.info("link attempt by %s refused: %s (event %s)", institution.code, result, event_id)
+        return LinkDecision(result=result, membership=membership)
+
+    failures = LinkAttempt.objects.filter(
+        institution=institution, result__in=FAILED_RESULTS, created_at__gt=now - timedelta(hours=1)
+    ).count()
+    if failures >= settings.HUB_LINK_MAX_FAILURES_PER_HOUR:
+        return decide(Result.THROTTLED)
+
+    normalized = link_code_normalize(link_code)
+    code = None
+    if normalized is not None:
+        code = LinkCode.objects.select_for_update().filter(code_hash=link_code_hash(normalized)).first()
+    if code is None:
+        return decide(Result.WRONG_CODE)
+
+    person_id = code.person_id
+    active = Membership.objects.filter(
+        institution=institution, subject_ref=subject_ref, unlinked_at__isnull=True
+    ).first()
+    if code.used_at is not None:
+        if active is not None and active.person_id == person_id and code.used_by_id == institution.pk:
+            return decide(Result.ALREADY_LINKED, person_id=person_id, membership=active)
+        return decide(Result.REUSED, person_id=person_id)
+    if code.expires_at <= now:
+        return decide(Result.EXPIRED, person_id=person_id)
+    if active is not None:
+        if active.person_id != person_id:
+            return decide(Result.SUBJECT_TAKEN, person_id=person_id)
+        _code_use(code, institution, now)
+        return decide(Result.ALREADY_LINKED, person_id=person_id, membership=active)
+    if Membership.objects.filter(institution=institution, person_id=person_id, unlinked_at__isnull=True).exists():
+        return decide(Result.PERSON_HAS_OTHER_ACCOUNT, person_id=person_id)
+
+    membership = Membership.objects.create(
+        institution=institution,
+        person_id=person_id,
+        subject_ref=subject_ref,
+        subject_sealed=subject_sealed,
+        linked_at=now,
+    )
+    _code_use(code, institution, now)
+    # Consolidation goes here, in this same transaction, once the ledger exists: move the subject's
+    # holding lots (points earned before the link) into the person's wallet lots, keeping issuer and
+    # expiry (DESIGN.md, identity and privacy).
+    return decide(Result.LINKED, person_id=person_id, membership=membership)
+
+
+def _code_use(code: LinkCode, institution: Institution, now: datetime) -> None:
+    code.used_at = now
+    code.used_by = institution
+    code.save(update_fields=["used_at", "used_by"])
+
+
+def membership_end(*, membership: Membership, ended_by: EndedBy) -> bool:
+    """End an active binding; False when it had already ended (safe to call twice, or concurrently).
+
+    The points already pooled stay the person's; later events of the subject find no active binding
+    and go to the subject's holding again.
+    """
+    now = timezone.now()
+    ended = Membership.objects.filter(pk=membership.pk, unlinked_at__isnull=True).update(
+        unlinked_at=now, unlinked_by=ended_by
+    )
+    if ended:
+        membership.unlinked_at = now
+        membership.unlinked_by = ended_by
+    return bool(ended)
+
+
+@transaction.atomic
+def account_unlink(*, institution: Institution, subject_ref: str) -> Membership | None:
+    """The institution unbinds its subject: the ended membership, or None when none was active
+    (idempotent)."""
+    membership = Membership.objects.filter(
+        institution=institution, subject_ref=subject_ref, unlinked_at__isnull=True
+    ).first()
+    if membership is None or not membership_end(membership=membership, ended_by=EndedBy.INSTITUTION):
+        return None
+    return membership
+
+
+@transaction.atomic
+def person_link_remove(*, person: Person, institution_code: str) -> Membership:
+    """The person unbinds their account at ``institution_code``. Raises :class:`LinkNotFound`."""
+    membership = Membership.objects.filter(
+        person=person, institution__code=institution_code, unlinked_at__isnull=True
+    ).first()
+    if membership is None or not membership_end(membership=membership, ended_by=EndedBy.PERSON):
+        raise LinkNotFound(f"No active link to {institution_code!r}.")
+    return membership
+
+
+# --- Key rotation -----------------------------------------------------------------------------------
+
+
+def memberships_reseal(*, batch_size: int = 500, progress: Callable[[int, int], None] | None = None) -> int:
+    """Re-encrypt every membership's sealed subject under the newest ``HUB_ENCRYPTION_KEYS`` key.
+
+    Runs in batches, each committed on its own with its rows locked, so an interrupted run can simply
+    be started again; ``progress(done, total)`` is called after each batch. Returns how many rows were
+    resealed. Raises :class:`~institutions.crypto.MalformedKey` naming the row when a sealed subject
+    cannot be decrypted with any configured key (the rows before it stay resealed).
+    """
+    total = Membership.objects.exclude(subject_sealed="").count()
+    done = 0
+    last_pk = 0
+    while True:
+        with transaction.atomic():
+            rows = list(
+                Membership.objects.select_for_update()
+                .filter(pk__gt=last_pk)
+                .exclude(subject_sealed="")
+                .order_by("pk")[:batch_size]
+            )
+            if not rows:
+                break
+            for row in rows:
+                try:
+                    row.subject_sealed = crypto.reseal(row.subject_sealed)
+                except InvalidToken as exc:
+                    raise crypto.MalformedKey(
+                        f"Membership {row.pk}: its sealed subject cannot be decrypted with any configured key."
+                    ) from exc
+            Membership.objects.bulk_update(rows, ["subject_sealed"])
+        last_pk = rows[-1].pk
+        done += len(rows)
+        if progress is not None:
+            progress(done, total)
+    return done
