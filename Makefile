@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run test lint types bench-intake clean
+.PHONY: run test lint types bench-intake bench-ledger clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,9 @@ types: $(VENV)/.installed-dev
 
 bench-intake: $(VENV)/.installed-dev
 	$(PY) bench/intake.py
+
+bench-ledger: $(VENV)/.installed-dev
+	$(PY) bench/ledger_post.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

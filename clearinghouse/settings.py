@@ -8,9 +8,12 @@ in process, generated development secrets. Production sets ``DATABASE_URL``, ``R
 from __future__ import annotations
 
 import os
+from datetime import UTC, datetime, time
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import dj_database_url
+from celery.schedules import crontab
 from django.core.exceptions import ImproperlyConfigured
 
 from clearinghouse.devsecrets import announce_dev_secrets, dev_secret
@@ -161,6 +164,9 @@ CELERY_TASK_ROUTES = {
 }
 CELERY_BEAT_SCHEDULE = {
     "inbox-sweep": {"task": "institutions.tasks.inbox_sweep", "schedule": 30.0},
+    # Seal what was posted into signed Merkle blocks; runs overlapping each other take turns.
+    "ledger-blocks-seal": {"task": "ledger.tasks.blocks_seal_recent", "schedule": 5.0},
+    # "ledger-lots-expire" (daily, just after local midnight) is added below HUB_STANDARD_TIMEZONE.
 }
 
 # --- REST framework and OpenAPI ---------------------------------------------------------------------
@@ -251,3 +257,13 @@ announce_dev_secrets()
 
 # Caps count per local day, month and year, and factor versions take effect on local dates.
 HUB_STANDARD_TIMEZONE = os.environ.get("HUB_STANDARD_TIMEZONE", "Asia/Shanghai")
+
+# Lapsed lots move to expired(issuer) once a day, five minutes after midnight in the standard's time zone
+# (Celery's crontab counts in UTC; the offset is taken at start-up, so a DST zone may run an hour off).
+# The sweep is idempotent: a missed or repeated run does no harm.
+_standard_zone = ZoneInfo(HUB_STANDARD_TIMEZONE)
+_midnight_utc = datetime.combine(datetime.now(_standard_zone).date(), time(0, 5), _standard_zone).astimezone(UTC)
+CELERY_BEAT_SCHEDULE["ledger-lots-expire"] = {
+    "task": "ledger.tasks.lots_expire_daily",
+    "schedule": crontab(hour=_midnight_utc.hour, minute=_midnight_utc.minute),
+}
