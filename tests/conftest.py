@@ -95,6 +95,27 @@ def _fresh_credential_cache() -> Iterator[None]:
     forget_all_institutions()
 
 
+@pytest.fixture(autouse=True)
+def _fresh_rate_windows() -> Iterator[None]:
+    """Institution ids repeat from test to test (rolled back), so no test inherits another's window."""
+    from django.conf import settings
+
+    from clearinghouse.redis import redis_client
+    from institutions import intake
+
+    intake._local_windows.clear()
+    yield
+    intake._local_windows.clear()
+    client = redis_client()
+    if client is not None:
+        try:
+            keys = list(client.scan_iter(f"{settings.HUB_REDIS_KEY_PREFIX}ratelimit:*", count=1000))
+            if keys:
+                client.delete(*keys)
+        except Exception:  # Redis-less runs and the tests that point Redis at a closed port
+            pass
+
+
 @pytest.fixture
 def bank(db: None) -> Sender:
     return make_sender("bank-a")
