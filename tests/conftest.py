@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import uuid
@@ -93,6 +94,25 @@ def _fresh_credential_cache() -> Iterator[None]:
     forget_all_institutions()
     yield
     forget_all_institutions()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_rate_windows() -> Iterator[None]:
+    """Institution ids repeat from test to test (rolled back), so no test inherits another's window."""
+    from django.conf import settings
+
+    from clearinghouse.redis import redis_client
+    from institutions import intake
+
+    intake._local_windows.clear()
+    yield
+    intake._local_windows.clear()
+    client = redis_client()
+    # Tests that point Redis at a closed port leave a client that cannot answer: nothing to clean then.
+    with contextlib.suppress(Exception):
+        keys = list(client.scan_iter(f"{settings.HUB_REDIS_KEY_PREFIX}ratelimit:*", count=1000)) if client else []
+        if keys:
+            client.delete(*keys)  # type: ignore[union-attr]
 
 
 @pytest.fixture
