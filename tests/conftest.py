@@ -123,3 +123,17 @@ def bank(db: None) -> Sender:
 @pytest.fixture
 def other_bank(db: None) -> Sender:
     return make_sender("bank-b")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Transactional tests restore the database as migrations left it (serialized rollback).
+
+    A ``transaction=True`` test ends by emptying every table, which would also remove what data
+    migrations seeded (the unified standard). Every such test therefore uses serialized rollback;
+    mixing the two kinds would re-insert content types that the flush had already re-created.
+    """
+    for item in items:
+        marker = item.get_closest_marker("django_db")
+        if marker and marker.kwargs.get("transaction") and not marker.kwargs.get("serialized_rollback"):
+            kwargs = {**marker.kwargs, "serialized_rollback": True}
+            item.add_marker(pytest.mark.django_db(*marker.args, **kwargs), append=False)

@@ -6,7 +6,7 @@ import pytest
 from django.test import override_settings
 from django.utils import timezone
 
-from institutions import inbox, tasks
+from institutions import handlers, inbox, tasks
 from institutions.models import InboxEvent
 from tests.conftest import activity, post_events
 
@@ -39,7 +39,8 @@ def make_due(*event_ids: str) -> None:
     InboxEvent.objects.filter(event_id__in=event_ids).update(available_at=timezone.now())
 
 
-def test_without_a_handler_events_stay_received(client, bank):
+def test_without_a_handler_events_stay_received(client, bank, monkeypatch):
+    monkeypatch.setattr(handlers, "_handlers", {})  # as before any app registered its handlers
     store(client, bank, activity("e1"))
     assert inbox.inbox_drain() == {}
     assert row("e1").status == "received" and row("e1").attempts == 0
