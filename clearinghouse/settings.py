@@ -118,6 +118,9 @@ else:
 # --- Redis, Celery, caches --------------------------------------------------------------------------
 
 REDIS_URL = os.environ.get("REDIS_URL", "")
+# Prefix of the hub's own Redis keys (rate limits, wake-ups), so test runs and hubs sharing a
+# Redis database do not count each other's requests.
+HUB_REDIS_KEY_PREFIX = os.environ.get("HUB_REDIS_KEY_PREFIX", "hub:")
 
 if REDIS_URL:
     CELERY_BROKER_URL = REDIS_URL
@@ -219,6 +222,11 @@ HUB_INBOX_BATCH_SIZE = env_int("HUB_INBOX_BATCH_SIZE", 500)
 HUB_INBOX_MAX_ATTEMPTS = env_int("HUB_INBOX_MAX_ATTEMPTS", 5)
 HUB_INBOX_LEASE_SECONDS = env_int("HUB_INBOX_LEASE_SECONDS", 300)
 HUB_INBOX_SWEEP_AFTER_SECONDS = env_int("HUB_INBOX_SWEEP_AFTER_SECONDS", 60)
+# Concurrent intake requests of one web process share one INSERT and commit (institutions.intake).
+HUB_INTAKE_GROUP_COMMIT = env_flag("HUB_INTAKE_GROUP_COMMIT", default=True)
+# Intake requests of one web process wake the workers at most once per this many seconds (plus one
+# trailing wake-up), instead of one Redis round trip per request; 0 kicks after every commit.
+HUB_INBOX_KICK_COALESCE_SECONDS = float(os.environ.get("HUB_INBOX_KICK_COALESCE_SECONDS") or 0.1)
 # Django refuses bodies above this before our own check can answer 413 as problem+json.
 DATA_UPLOAD_MAX_MEMORY_SIZE = HUB_INTAKE_MAX_BYTES + 64 * 1024
 

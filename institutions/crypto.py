@@ -210,7 +210,7 @@ def subject_ref(institution_code: str, subject: str) -> str:
     from django.conf import settings
 
     message = f"{institution_code}\x00{subject}".encode()
-    return hmac.new(settings.HUB_SUBJECT_KEY.encode(), message, hashlib.sha256).hexdigest()
+    return hmac.digest(settings.HUB_SUBJECT_KEY.encode(), message, "sha256").hex()  # one-shot: runs per event
 
 
 def webhook_headers(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -65,9 +66,21 @@ class EventVerdict:
 Check = Callable[[Any], tuple[Any, str | None]]
 
 
+# Characters no stored text may hold: PostgreSQL text and jsonb refuse NUL, and a lone surrogate
+# (JSON allows "\ud800") cannot be encoded as UTF-8. Unchecked they fail the INSERT (a 503 for an
+# event that can never be stored) or the encoding (a 500); they are the sender's error.
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def _storable(value: str) -> bool:
+    if value.isascii():  # the common case, without a regex
+        return "\x00" not in value
+    return _UNSTORABLE.search(value) is None
+
+
 def _text(max_length: int) -> Check:
     def check(value: Any) -> tuple[Any, str | None]:
-        if not isinstance(value, str) or not value.strip():
+        if not isinstance(value, str) or not value.strip() or not _storable(value):
             return value, "invalid_string"
         if len(value) > max_length:
             return value, "too_long"
@@ -142,10 +155,18 @@ def _parse_time(value: Any) -> datetime | None:
     return moment if moment.tzinfo is not None else None
 
 
+# Any character for which str.isspace() is true (the same set), found in C rather than per character
+# in Python: this runs for every event of every batch.
+_WHITESPACE = re.compile(r"\s")
+# Built once: json.dumps would build an encoder per call, and this runs for every event. Parsed JSON
+# cannot be circular, so the circularity check is skipped; the output is the same either way.
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str,
+                              check_circular=False)
+
+
 def content_hash(event: dict[str, Any]) -> str:
     """SHA-256 over the canonical JSON of the event as sent (keys sorted, no whitespace)."""
-    canonical = json.dumps(event, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    return hashlib.sha256(_CANONICAL.encode(event).encode()).hexdigest()
 
 
 def validate_event(event: dict[str, Any]) -> EventVerdict:
@@ -161,7 +182,7 @@ def validate_event(event: dict[str, Any]) -> EventVerdict:
         errors.append({"field": "specversion", "code": "missing" if "specversion" not in event else "invalid_choice"})
     if "id" not in event:
         errors.append({"field": "id", "code": "missing"})
-    elif not isinstance(raw_id, str) or not raw_id:
+    elif not isinstance(raw_id, str) or not raw_id or not _storable(raw_id):
         errors.append({"field": "id", "code": "invalid_string"})
     elif len(raw_id) > MAX_ID:
         errors.append({"field": "id", "code": "too_long"})
@@ -169,7 +190,10 @@ def validate_event(event: dict[str, Any]) -> EventVerdict:
     source = event.get("source")
     if source is None:
         errors.append({"field": "source", "code": "missing"})
-    elif not isinstance(source, str) or not source or len(source) > MAX_SOURCE or any(c.isspace() for c in source):
+    elif (
+        not isinstance(source, str) or not source or len(source) > MAX_SOURCE or _WHITESPACE.search(source)
+        or not _storable(source)
+    ):
         errors.append({"field": "source", "code": "invalid_uri_reference"})
 
     event_type = event.get("type")
@@ -182,7 +206,7 @@ def validate_event(event: dict[str, Any]) -> EventVerdict:
     if subject is None:
         if event_type in SUBJECT_REQUIRED:
             errors.append({"field": "subject", "code": "missing"})
-    elif not isinstance(subject, str) or not subject:
+    elif not isinstance(subject, str) or not subject or not _storable(subject):
         errors.append({"field": "subject", "code": "invalid_string"})
     elif len(subject) > MAX_SUBJECT:
         errors.append({"field": "subject", "code": "too_long"})

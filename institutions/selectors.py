@@ -27,6 +27,9 @@ class Verifier:
 
 _cache: dict[str, tuple[float, Verifier | None]] = {}
 _cache_lock = threading.Lock()
+# Misses are cached too, and the code comes from an unauthenticated URL: without a bound, requests
+# naming ever new codes would grow the cache for the life of the process.
+CACHE_MAX_ENTRIES = 10_000
 
 
 def institution_verifier(code: str) -> Verifier | None:
@@ -42,6 +45,8 @@ def institution_verifier(code: str) -> Verifier | None:
         return hit[1]
     verifier = _load_verifier(code)
     with _cache_lock:
+        if len(_cache) >= CACHE_MAX_ENTRIES:
+            _cache.clear()
         _cache[code] = (now + settings.HUB_CREDENTIAL_CACHE_SECONDS, verifier)
     return verifier
 

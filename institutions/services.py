@@ -93,10 +93,12 @@ def institution_register(
     Raises :class:`InstitutionExists` when the code is taken (nothing is changed then) and
     :class:`InvalidInstitution` / :class:`InvalidCredential` for bad input.
     """
-    if not CODE_PATTERN.match(code):
+    if not CODE_PATTERN.fullmatch(code):  # fullmatch: "$" alone lets a trailing newline through
         raise InvalidInstitution("The code must match [a-z0-9-]{2,40}.")
     if not name.strip():
         raise InvalidInstitution("The name must not be empty.")
+    if len(name.strip()) > 200:  # Institution.name.max_length: longer fails in the database instead
+        raise InvalidInstitution("The name is at most 200 characters.")
     if not hmac and not ed25519_public_key:
         raise InvalidCredential("Give at least one of --hmac or --ed25519-public-key.")
     if endpoint_url:
@@ -169,6 +171,32 @@ def institution_set_status(*, institution: Institution, status: str) -> Institut
     Institution.objects.filter(pk=institution.pk).update(status=status)
     institution.status = status
     forget_institution(institution.code)
+    return institution
+
+
+@transaction.atomic
+def institution_update(
+    *,
+    institution: Institution,
+    name: str,
+    endpoint_url: str = "",
+    is_provider: bool = False,
+    rate_limit_per_second: int | None = None,
+) -> Institution:
+    """Change an institution's profile. The code, status and credentials have services of their own.
+
+    Raises :class:`InvalidInstitution` for an empty name or an endpoint that is not an http(s) URL.
+    """
+    if not name.strip():
+        raise InvalidInstitution("The name must not be empty.")
+    if endpoint_url:
+        _check_endpoint(endpoint_url)
+    institution.name = name.strip()
+    institution.endpoint_url = endpoint_url
+    institution.is_provider = is_provider
+    institution.rate_limit_per_second = rate_limit_per_second
+    institution.save(update_fields=["name", "endpoint_url", "is_provider", "rate_limit_per_second"])
+    forget_institution(institution.code)  # the intake caches the rate limit
     return institution
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import uuid
@@ -95,6 +96,25 @@ def _fresh_credential_cache() -> Iterator[None]:
     forget_all_institutions()
 
 
+@pytest.fixture(autouse=True)
+def _fresh_rate_windows() -> Iterator[None]:
+    """Institution ids repeat from test to test (rolled back), so no test inherits another's window."""
+    from django.conf import settings
+
+    from clearinghouse.redis import redis_client
+    from institutions import intake
+
+    intake._local_windows.clear()
+    yield
+    intake._local_windows.clear()
+    client = redis_client()
+    # Tests that point Redis at a closed port leave a client that cannot answer: nothing to clean then.
+    with contextlib.suppress(Exception):
+        keys = list(client.scan_iter(f"{settings.HUB_REDIS_KEY_PREFIX}ratelimit:*", count=1000)) if client else []
+        if keys:
+            client.delete(*keys)  # type: ignore[union-attr]
+
+
 @pytest.fixture
 def bank(db: None) -> Sender:
     return make_sender("bank-a")
@@ -103,3 +123,17 @@ def bank(db: None) -> Sender:
 @pytest.fixture
 def other_bank(db: None) -> Sender:
     return make_sender("bank-b")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Transactional tests restore the database as migrations left it (serialized rollback).
+
+    A ``transaction=True`` test ends by emptying every table, which would also remove what data
+    migrations seeded (the unified standard). Every such test therefore uses serialized rollback;
+    mixing the two kinds would re-insert content types that the flush had already re-created.
+    """
+    for item in items:
+        marker = item.get_closest_marker("django_db")
+        if marker and marker.kwargs.get("transaction") and not marker.kwargs.get("serialized_rollback"):
+            kwargs = {**marker.kwargs, "serialized_rollback": True}
+            item.add_marker(pytest.mark.django_db(*marker.args, **kwargs), append=False)

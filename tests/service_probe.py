@@ -62,6 +62,8 @@ def _probe() -> tuple[str, str, list[str]]:
         problems.append(f"Redis unreachable at {redis_url}: {redis_error}")
         os.environ.pop("REDIS_URL", None)
         broker = "in-process tasks, local-memory cache (Redis-only tests are skipped)"
+    # This run's own Redis keys: concurrent runs against one Redis must not share rate-limit windows.
+    os.environ.setdefault("HUB_REDIS_KEY_PREFIX", f"test{os.getpid()}:")
     # Tasks run in process unless a test starts a real worker against the broker.
     os.environ.setdefault("CLEARINGHOUSE_TASKS_EAGER", "1")
     os.environ.setdefault("CLEARINGHOUSE_VAR_DIR", os.path.join(os.getcwd(), "var", "test"))
@@ -86,8 +88,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:  # ty
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     using_postgres = "DATABASE_URL" in os.environ
     using_redis = "REDIS_URL" in os.environ
+    # Markers, not keywords: a keyword also matches a test's name or parameter id ("postgres").
     for item in items:
-        if "postgres" in item.keywords and not using_postgres:
+        if item.get_closest_marker("postgres") and not using_postgres:
             item.add_marker(pytest.mark.skip(reason="needs PostgreSQL; run with it reachable"))
-        if "redis" in item.keywords and not using_redis:
+        if item.get_closest_marker("redis") and not using_redis:
             item.add_marker(pytest.mark.skip(reason="needs Redis; run with it reachable"))

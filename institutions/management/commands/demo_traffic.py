@@ -1,0 +1,567 @@
+"""``manage.py demo_traffic``: the demo institutions push signed CloudEvents through the real HTTP intake.
+
+It is a client, like an institution's own sender: it talks to the hub only over HTTP and signs with
+:func:`institutions.crypto.webhook_headers`, the same code the hub verifies with. The secrets come
+from the file ``demo_setup`` writes, because the hub shows them only once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import itertools
+import json
+import random
+import secrets
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from institutions import crypto
+from institutions.management.commands.demo_setup import default_credentials_path, read_credentials
+
+SINGLE = "application/cloudevents+json"
+BATCH = "application/cloudevents-batch+json"
+ACTIVITY = "carbon.activity.recorded"
+REQUEST_TIMEOUT_SECONDS = 30
+MAX_RATE_LIMIT_RETRIES = 5
+
+
+# --- What the demo institutions report --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Act:
+    """One kind of low-carbon act an institution reports: a hub scenario code and a unit it sends."""
+
+    action: str
+    unit: str
+    quantity: Callable[[random.Random], str]
+    weight: int = 1
+    evidence: tuple[str, ...] = ("automatic",)
+    issuer_points: Callable[[random.Random, str], int] | None = None
+
+
+def _one(rng: random.Random) -> str:
+    return "1"
+
+
+def _km(low: float, high: float) -> Callable[[random.Random], str]:
+    return lambda rng: f"{rng.uniform(low, high):.1f}"
+
+
+def _whole(low: int, high: int) -> Callable[[random.Random], str]:
+    return lambda rng: str(rng.randint(low, high))
+
+
+# Units follow methodology/factors.csv; a few are spellings the standard converts (m, steps, check-in).
+PROFILES: dict[str, tuple[str, list[Act]]] = {
+    # A bank: paperless statements, utility bills paid online, metro rides paid by card (in metres).
+    "demo-bank-east": (
+        "east",
+        [
+            Act("paper.e_bill", "bill", _one, weight=4, issuer_points=lambda rng, q: 10),
+            Act("payment.online_utility", "payment", _one, weight=2, issuer_points=lambda rng, q: 20),
+            Act("transit.metro", "m", _whole(1500, 24000), weight=2),
+        ],
+    ),
+    # A payment app: step counts, clean-plate check-ins with a photo or self-declared, no-cutlery orders.
+    "demo-pay-west": (
+        "west",
+        [
+            Act("mobility.walking", "step", _whole(2000, 16000), weight=4),
+            Act("food.clean_plate", "check-in", _one, weight=2, evidence=("upload", "self_declared")),
+            Act("food.no_cutlery", "order", _one, weight=2),
+        ],
+    ),
+    # A transit card: metro kilometres, bus trips, battery-electric bus kilometres.
+    "demo-metro-card": (
+        "metro",
+        [
+            Act("transit.metro", "km", _km(1.5, 28.0), weight=4, issuer_points=lambda rng, q: round(float(q))),
+            Act("transit.bus", "trip", _one, weight=3),
+            Act("transit.bus_electric", "km", _km(1.0, 12.0), weight=2),
+        ],
+    ),
+}
+DEFAULT_PROFILE = ("cust", [Act("paper.e_invoice", "invoice", _one), Act("mobility.cycling", "trip", _one)])
+SUBJECTS_PER_INSTITUTION = 40
+
+
+@dataclass
+class Sender:
+    code: str
+    api_token: str
+    provider: bool
+    hmac_secret: bytes | None = None
+    private_key: Ed25519PrivateKey | None = None
+
+    def signature_choices(self) -> list[tuple[str, ...]]:
+        if self.hmac_secret and self.private_key:
+            return [("v1",), ("v1a",), ("v1", "v1a")]
+        return [("v1",)] if self.hmac_secret else [("v1a",)]
+
+
+@dataclass
+class PlannedRequest:
+    sender: Sender
+    events: list[dict[str, Any]]
+    batch: bool
+    versions: tuple[str, ...]
+    msg_id: str
+    expected: list[str]  # per-event status the demo expects
+    purpose: str = ""  # set on the deliberate cases
+    body: bytes = b""
+    # Filled in when sent:
+    http_status: int | None = None
+    results: list[dict[str, Any]] = field(default_factory=list)
+    problem: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.body:
+            payload: Any = self.events if self.batch else self.events[0]
+            self.body = json.dumps(payload, separators=(",", ":")).encode()
+
+
+class Hub:
+    """A minimal HTTP client: one connection per request, no redirects (a sender must not follow them)."""
+
+    def __init__(self, url: str):
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise CommandError(f"--url must be an http(s) URL such as http://127.0.0.1:8000; got {url!r}.")
+        self.url = url.rstrip("/")
+        self.scheme = parts.scheme
+        self.host = parts.hostname
+        self.port = parts.port
+        self.prefix = parts.path.rstrip("/")
+
+    def request(
+        self, method: str, path: str, *, body: bytes | None = None, headers: dict[str, str] | None = None
+    ) -> tuple[int, dict[str, str], bytes]:
+        """``(status, headers, body)``; raises :class:`OSError` when the hub cannot be reached."""
+        connection_class = http.client.HTTPSConnection if self.scheme == "https" else http.client.HTTPConnection
+        connection = connection_class(self.host, self.port, timeout=REQUEST_TIMEOUT_SECONDS)
+        try:
+            connection.request(method, self.prefix + path, body=body, headers=headers or {})
+            response = connection.getresponse()
+            return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+        except http.client.HTTPException as exc:
+            raise OSError(f"{type(exc).__name__}: {exc}") from exc
+        finally:
+            connection.close()
+
+
+def _json(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except ValueError:
+        return None
+
+
+class Command(BaseCommand):
+    help = (
+        "Push signed demo traffic from the institutions demo_setup registered through the hub's real HTTP "
+        "intake: single and batch CloudEvents requests, v1 (HMAC) and v1a (Ed25519) signatures, activity "
+        "events for metro rides, walking, clean-plate check-ins, e-bills and more, plus three deliberate "
+        "cases: a duplicate resend, an event reusing an id with other content (conflict) and an event "
+        "with a field outside the contract (rejected). Prints per-institution results and a few event "
+        "statuses read back with each institution's API token. Exits non-zero when the hub cannot be "
+        "reached, a request fails (401, 5xx or any other answer but 202), or a result differs from what "
+        "the demo expects."
+    )
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument(
+            "--url", default="http://127.0.0.1:8000", help="Base URL of the hub (default: %(default)s)."
+        )
+        parser.add_argument(
+            "--wait",
+            type=float,
+            default=10.0,
+            metavar="SECONDS",
+            help="How long to wait for GET <url>/readyz to answer 200 before giving up (default: %(default)s).",
+        )
+        parser.add_argument(
+            "--events",
+            type=int,
+            default=120,
+            metavar="N",
+            help="Activity events to send, spread over the issuers (default: %(default)s); the deliberate "
+            "cases come on top.",
+        )
+        parser.add_argument(
+            "--seed",
+            type=int,
+            default=None,
+            metavar="S",
+            help="Seed for the random choices (acts, quantities, batching), to repeat a run's shape; event "
+            "ids stay unique per run. Default: random, printed.",
+        )
+        parser.add_argument(
+            "--credentials-file",
+            type=Path,
+            default=None,
+            help="Secrets written by demo_setup (default: VAR_DIR/demo-credentials.json).",
+        )
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        if options["events"] < 1:
+            raise CommandError("--events must be at least 1.")
+        path: Path = options["credentials_file"] or default_credentials_path()
+        senders = self._load_senders(path)
+        issuers = [s for s in senders if not s.provider]
+        if not issuers:
+            raise CommandError(f"{path} holds no issuing institution; run manage.py demo_setup.")
+        hub = Hub(options["url"])
+        seed = options["seed"] if options["seed"] is not None else secrets.randbelow(1_000_000)
+        rng = random.Random(seed)  # noqa: S311 (shapes demo data; the secrets come from demo_setup)
+
+        self._wait_until_ready(hub, options["wait"])
+        run = datetime.now(UTC).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+        plan = self._plan(issuers, options["events"], rng, run)
+        self.stdout.write(
+            f"demo_traffic: {hub.url}: {len(plan)} requests, {sum(len(r.events) for r in plan)} events from "
+            f"{len(issuers)} institutions (seed {seed}, run {run})"
+        )
+
+        self._send_all(hub, plan)
+        failures = self._report_requests(plan, issuers)
+        failures += self._report_statuses(hub, plan, issuers)
+        if failures:
+            raise CommandError(f"demo_traffic: {len(failures)} unexpected answer(s):\n  " + "\n  ".join(failures))
+        self.stdout.write(self.style.SUCCESS("demo_traffic: every request got the answer the demo expects."))
+
+    # --- Setup ----------------------------------------------------------------------------------------
+
+    def _load_senders(self, path: Path) -> list[Sender]:
+        document = read_credentials(path)
+        entries = document.get("institutions") or {}
+        if not entries:
+            raise CommandError(f"No demo credentials in {path}; run manage.py demo_setup first.")
+        senders = []
+        for code, entry in sorted(entries.items()):
+            try:
+                sender = Sender(code=code, api_token=entry["api_token"], provider=bool(entry.get("provider")))
+                if entry.get("hmac_secret"):
+                    sender.hmac_secret = crypto.hmac_secret_bytes(entry["hmac_secret"])
+                if entry.get("ed25519_private_key"):
+                    sender.private_key = crypto.private_key_from_string(entry["ed25519_private_key"])
+            except (KeyError, ValueError) as exc:
+                raise CommandError(f"{path}: the entry for {code} is unusable ({exc}); run demo_setup again.") from exc
+            if sender.hmac_secret or sender.private_key:
+                senders.append(sender)
+        return senders
+
+    def _wait_until_ready(self, hub: Hub, wait: float) -> None:
+        deadline = time.monotonic() + max(wait, 0)
+        announced = False
+        while True:
+            try:
+                status, _, body = hub.request("GET", "/readyz")
+                last = f"HTTP {status} {body[:200].decode(errors='replace')}"
+                if status == 200:
+                    return
+            except OSError as exc:
+                last = str(exc) or type(exc).__name__
+            if time.monotonic() >= deadline:
+                raise CommandError(
+                    f"The hub at {hub.url} is not ready: GET /readyz did not answer 200 within {wait:g} s "
+                    f"(last: {last}). Is it running? Start it with `make run` or `manage.py runserver`."
+                )
+            if not announced:
+                self.stderr.write(f"demo_traffic: waiting up to {wait:g} s for {hub.url}/readyz ...", style_func=str)
+                announced = True
+            time.sleep(0.5)
+
+    # --- The plan -------------------------------------------------------------------------------------
+
+    def _plan(self, issuers: list[Sender], total: int, rng: random.Random, run: str) -> list[PlannedRequest]:
+        message_numbers = itertools.count(1)
+        event_numbers = itertools.count(1)
+
+        def msg_id() -> str:
+            return f"msg_{run}_{next(message_numbers):04d}"
+
+        def new_event(sender: Sender) -> dict[str, Any]:
+            return self._activity(sender, rng, f"ev-{run}-{next(event_numbers):05d}")
+
+        per_sender: dict[str, list[PlannedRequest]] = {}
+        for index, sender in enumerate(issuers):
+            share = total // len(issuers) + (1 if index < total % len(issuers) else 0)
+            requests: list[PlannedRequest] = []
+            while share > 0:
+                size = 1 if rng.random() < 0.3 else min(share, rng.randint(2, 25))
+                events = [new_event(sender) for _ in range(size)]
+                requests.append(
+                    PlannedRequest(
+                        sender,
+                        events,
+                        batch=size > 1 or rng.random() < 0.2,  # a batch of one is legal too
+                        versions=rng.choice(sender.signature_choices()),
+                        msg_id=msg_id(),
+                        expected=["accepted"] * size,
+                    )
+                )
+                share -= size
+            per_sender[sender.code] = requests
+
+        # Interleave the institutions, as real traffic would arrive.
+        plan: list[PlannedRequest] = []
+        queues = [per_sender[s.code] for s in issuers]
+        while any(queues):
+            for queue in queues:
+                if queue:
+                    plan.append(queue.pop(0))
+
+        first = plan[0]
+        # 1. A sender retry: the very same body and webhook-id, freshly timestamped and signed.
+        plan.append(
+            PlannedRequest(
+                first.sender,
+                first.events,
+                first.batch,
+                first.versions,
+                first.msg_id,
+                expected=["duplicate"] * len(first.events),
+                purpose="duplicate resend",
+                body=first.body,
+            )
+        )
+        # 2. An event id reused with other content.
+        second = next((r for r in plan if r.sender is not first.sender), first)
+        original = second.events[0]
+        conflicting = {**original, "data": {**original["data"], "quantity": "999"}}
+        plan.append(
+            PlannedRequest(
+                second.sender,
+                [conflicting],
+                False,
+                rng.choice(second.sender.signature_choices()),
+                msg_id(),
+                expected=["conflict"],
+                purpose="same id, other content",
+            )
+        )
+        # 3. A batch where one event carries a field the contract does not allow (no GPS traces).
+        third = issuers[-1]
+        bad = new_event(third)
+        bad["data"]["gps"] = "22.5431,114.0579"
+        plan.append(
+            PlannedRequest(
+                third,
+                [new_event(third), bad],
+                True,
+                rng.choice(third.signature_choices()),
+                msg_id(),
+                expected=["accepted", "rejected"],
+                purpose="field outside the contract",
+            )
+        )
+        return plan
+
+    @staticmethod
+    def _activity(sender: Sender, rng: random.Random, event_id: str) -> dict[str, Any]:
+        prefix, acts = PROFILES.get(sender.code, DEFAULT_PROFILE)
+        act = rng.choices(acts, weights=[a.weight for a in acts])[0]
+        subject = f"{prefix}-cust-{rng.randint(1, SUBJECTS_PER_INSTITUTION):04d}"
+        moment = datetime.now(UTC) - timedelta(seconds=rng.randint(60, 6 * 24 * 3600))
+        when = moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+        quantity = act.quantity(rng)
+        data: dict[str, Any] = {"action": act.action, "quantity": quantity, "unit": act.unit}
+        if act.issuer_points is not None:
+            data["issuer_points"] = act.issuer_points(rng, quantity)
+        if rng.random() < 0.5:
+            # An opaque hash of the real-world act, so a second report of it (another issuer) is spotted.
+            data["fingerprint"] = hashlib.sha256(f"{sender.code}|{subject}|{act.action}|{when}".encode()).hexdigest()
+        evidence = rng.choice(act.evidence)
+        if evidence != "automatic" or rng.random() < 0.3:
+            data["evidence"] = evidence
+        return {
+            "specversion": "1.0",
+            "id": event_id,
+            "source": f"/{sender.code}/app",
+            "type": ACTIVITY,
+            "subject": subject,
+            "time": when,
+            "datacontenttype": "application/json",
+            "data": data,
+        }
+
+    # --- Sending --------------------------------------------------------------------------------------
+
+    def _send_all(self, hub: Hub, plan: list[PlannedRequest]) -> None:
+        interactive = self.stderr.isatty()
+        for done, request in enumerate(plan, start=1):
+            self._send(hub, request)
+            if interactive or done == len(plan):
+                self._progress(done, len(plan), request.sender.code, final=done == len(plan))
+
+    def _progress(self, done: int, total: int, label: str, *, final: bool) -> None:
+        width = 32
+        filled = width * done // total
+        bar = "#" * filled + "." * (width - filled)
+        self.stderr.write(
+            f"\r[{bar}] {done:>4}/{total} requests  {label:<18}", ending="\n" if final else "", style_func=str
+        )
+        self.stderr.flush()
+
+    def _send(self, hub: Hub, request: PlannedRequest) -> None:
+        sender = request.sender
+        for _ in range(MAX_RATE_LIMIT_RETRIES + 1):
+            headers = crypto.webhook_headers(
+                request.body,
+                msg_id=request.msg_id,
+                timestamp=int(time.time()),
+                hmac_secrets=[sender.hmac_secret] if "v1" in request.versions and sender.hmac_secret else [],
+                ed25519_keys=[sender.private_key] if "v1a" in request.versions and sender.private_key else [],
+            )
+            headers["Content-Type"] = BATCH if request.batch else SINGLE
+            try:
+                status, response_headers, body = hub.request(
+                    "POST", f"/api/v1/institutions/{quote(sender.code)}/events", body=request.body, headers=headers
+                )
+            except OSError as exc:
+                request.problem = f"unreachable: {exc}"
+                return
+            if status == 429:
+                time.sleep(min(float(response_headers.get("retry-after", "1") or 1), 5.0))
+                continue
+            break
+        request.http_status = status
+        document = _json(body)
+        if isinstance(document, dict) and isinstance(document.get("results"), list):
+            request.results = document["results"]
+        if status != 202:
+            detail = document.get("detail") if isinstance(document, dict) else body[:200].decode(errors="replace")
+            request.problem = f"HTTP {status}: {detail}"
+
+    # --- Reporting ------------------------------------------------------------------------------------
+
+    def _report_requests(self, plan: list[PlannedRequest], issuers: list[Sender]) -> list[str]:
+        failures: list[str] = []
+        rows = []
+        totals: Counter[str] = Counter()
+        for sender in issuers:
+            mine = [r for r in plan if r.sender is sender]
+            tally: Counter[str] = Counter(result.get("status", "?") for r in mine for result in r.results)
+            http = Counter(str(r.http_status or "error") for r in mine)
+            totals.update(tally)
+            totals["requests"] += len(mine)
+            rows.append(
+                [
+                    sender.code,
+                    str(len(mine)),
+                    *(str(tally[k]) for k in ("accepted", "duplicate", "conflict", "rejected")),
+                    " ".join(f"{code}x{n}" for code, n in sorted(http.items())),
+                ]
+            )
+        rows.append(
+            [
+                "total",
+                str(totals["requests"]),
+                *(str(totals[k]) for k in ("accepted", "duplicate", "conflict", "rejected")),
+                "",
+            ]
+        )
+        self.stdout.write("")
+        self._table(
+            ["institution", "requests", "accepted", "duplicate", "conflict", "rejected", "HTTP"],
+            rows,
+            numeric=(1, 2, 3, 4, 5),
+        )
+
+        for request in plan:
+            where = f"{request.sender.code} {request.msg_id}"
+            if request.problem:
+                failures.append(f"{where}: {request.problem}")
+                continue
+            got = [result.get("status") for result in request.results]
+            if got != request.expected:
+                failures.append(f"{where}: expected {request.expected}, got {got}")
+
+        self.stdout.write("")
+        self.stdout.write("Deliberate cases:")
+        for request in (r for r in plan if r.purpose):
+            got = [result.get("status") for result in request.results]
+            errors = [e for result in request.results for e in result.get("errors", [])]
+            detail = "; ".join(f"{e.get('field')} {e.get('code')}" for e in errors)
+            summary = ", ".join(f"{n} {status}" for status, n in Counter(got).items())
+            verdict = "as expected" if got == request.expected and not request.problem else "UNEXPECTED"
+            self.stdout.write(
+                f"  {request.purpose:<28} {request.sender.code:<16} HTTP {request.http_status or '-'} "
+                f"{summary or request.problem}{f' ({detail})' if detail else ''}: {verdict}"
+            )
+        return failures
+
+    def _report_statuses(self, hub: Hub, plan: list[PlannedRequest], issuers: list[Sender]) -> list[str]:
+        """Read a few events back with each institution's bearer token, as its back office would."""
+        failures: list[str] = []
+        picks: list[tuple[Sender, str]] = []
+        for sender in issuers:
+            accepted = [r for r in plan if r.sender is sender and not r.purpose and r.results]
+            picks += [(sender, request.events[0]["id"]) for request in accepted[:2]]
+
+        rows = []
+        for sender, event_id in picks:
+            path = f"/api/v1/institutions/{quote(sender.code)}/events/{quote(event_id, safe='')}"
+            try:
+                status, _, body = hub.request("GET", path, headers={"Authorization": f"Bearer {sender.api_token}"})
+            except OSError as exc:
+                failures.append(f"GET {path}: unreachable: {exc}")
+                continue
+            document = _json(body) or {}
+            if status == 200:
+                rows.append(
+                    [
+                        sender.code,
+                        event_id,
+                        str(status),
+                        document.get("status", "?"),
+                        self._outcome(document.get("outcome")),
+                    ]
+                )
+            else:
+                rows.append([sender.code, event_id, str(status), "-", document.get("code", "")])
+                failures.append(f"GET {path}: HTTP {status} ({document.get('detail', '')})")
+        self.stdout.write("")
+        self.stdout.write("Event statuses (GET /api/v1/institutions/{code}/events/{id}, bearer token):")
+        self._table(["institution", "event id", "HTTP", "status", "outcome"], rows)
+        if any(row[3] == "received" for row in rows):
+            self.stdout.write(
+                "(received: stored durably and waiting for its handler; the admin's inbox shows which types "
+                "no app handles yet.)"
+            )
+        return failures
+
+    @staticmethod
+    def _outcome(outcome: Any) -> str:
+        if not isinstance(outcome, dict) or not outcome:
+            return "-"
+        keys = ("scenario", "quantity", "unit", "grams", "points", "reason")
+        parts = [f"{k}={outcome[k]}" for k in keys if outcome.get(k) not in (None, "")]
+        text = " ".join(parts) or json.dumps(outcome, separators=(",", ":"))
+        return text if len(text) <= 90 else text[:89] + "…"
+
+    def _table(self, header: list[str], rows: list[list[str]], *, numeric: tuple[int, ...] = ()) -> None:
+        widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+
+        def line(cells: list[str]) -> str:
+            return "  ".join(
+                str(c).rjust(w) if i in numeric else str(c).ljust(w)
+                for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+            ).rstrip()
+
+        self.stdout.write(line(header))
+        self.stdout.write("  ".join("-" * w for w in widths))
+        for row in rows:
+            self.stdout.write(line(row))
