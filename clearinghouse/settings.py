@@ -247,6 +247,8 @@ HUB_LINK_CODES_LIVE_MAX = env_int("HUB_LINK_CODES_LIVE_MAX", 5)
 # beyond it, attempts are refused unchecked. Codes carry 40 bits: at 20 guesses an hour, even a million
 # live codes at once take years of guessing to hit one.
 HUB_LINK_MAX_FAILURES_PER_HOUR = env_int("HUB_LINK_MAX_FAILURES_PER_HOUR", 20)
+# The wallet's "expiring soon": lots that lapse within this many days from today.
+HUB_EXPIRING_SOON_DAYS = env_int("HUB_EXPIRING_SOON_DAYS", 30)
 
 # --- Logging ----------------------------------------------------------------------------------------
 
@@ -265,6 +267,8 @@ announce_dev_secrets()
 
 # Caps count per local day, month and year, and factor versions take effect on local dates.
 HUB_STANDARD_TIMEZONE = os.environ.get("HUB_STANDARD_TIMEZONE", "Asia/Shanghai")
+# Points lapse at the end of the month this many months after the act; an institution may set its own.
+HUB_POINTS_VALIDITY_MONTHS = env_int("HUB_POINTS_VALIDITY_MONTHS", 24)
 
 # Lapsed lots move to expired(issuer) once a day, five minutes after midnight in the standard's time zone
 # (Celery's crontab counts in UTC; the offset is taken at start-up, so a DST zone may run an hour off).

@@ -20,6 +20,9 @@ class Institution(models.Model):
     rate_limit_per_second = models.PositiveIntegerField(
         null=True, blank=True, help_text="Intake requests per second; empty uses the hub default."
     )
+    points_validity_months = models.PositiveSmallIntegerField(
+        null=True, blank=True, help_text="Months this issuer's points stay valid; empty uses the hub default."
+    )
     created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:

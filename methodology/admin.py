@@ -122,7 +122,16 @@ class EvidenceTierAdmin(StandardAdmin):
 @admin.register(NormalizedActivity)
 class NormalizedActivityAdmin(admin.ModelAdmin):
     list_display = (
-        "id", "occurred_at", "institution", "scenario", "quantity", "grams", "credited_mg", "status", "reason", "owner",
+        "id",
+        "occurred_at",
+        "institution",
+        "scenario",
+        "quantity",
+        "grams",
+        "credited_mg",
+        "status",
+        "reason",
+        "owner",
     )
     list_filter = ("status", "reason", "scenario", "institution", "evidence")
     list_select_related = ("institution", "scenario", "person")

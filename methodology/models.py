@@ -147,10 +147,12 @@ class NormalizedActivity(models.Model):
         CREDITED = "credited", "Credited"
         CAPPED = "capped", "Capped (nothing credited)"
         DUPLICATE = "duplicate", "Duplicate act (nothing credited)"
+        REVERSED = "reversed", "Reversed by its institution"
 
     class Reason(models.TextChoices):
         CAP_REACHED = "cap_reached", "Cap reached"
         DUPLICATE_ACT = "duplicate_act", "Same act already credited"
+        REVERSED = "reversed", "Taken back by the institution"
 
     inbox_event = models.OneToOneField("institutions.InboxEvent", on_delete=models.PROTECT, related_name="activity")
     # Foreign keys without their own index: every index costs each of the thousands of inserts a

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import hashlib
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date
 from decimal import ROUND_HALF_EVEN, Context, Decimal, localcontext
@@ -14,8 +13,19 @@ from django.db import connection, transaction
 from django.utils import timezone
 
 from clearinghouse.db import copy_rows
+from institutions.envelope import ACTIVITY_RECORDED
 from institutions.handlers import Outcome
 from institutions.models import InboxEvent
+from ledger.models import AccountKind, Posting
+from methodology.books import (
+    Credit,
+    credit_reverse,
+    credits_post,
+    holdings_consolidate,
+    owners_lock,
+    person_owner,
+    subject_owner,
+)
 from methodology.models import ActFingerprint, CapUsage, NormalizedActivity, StandardRevision
 from methodology.standard import Resolved, Unresolved, current_standard, period_start
 from wallets.selectors import persons_for_subjects
@@ -33,25 +43,7 @@ Reason = NormalizedActivity.Reason
 
 
 def owner_key(*, person_id: int | None, institution_id: int, subject_ref: str) -> str:
-    return f"p:{person_id}" if person_id is not None else f"s:{institution_id}:{subject_ref}"
-
-
-def owners_lock(keys: Iterable[str]) -> None:
-    """Serialize work per owner for the rest of the transaction (PostgreSQL advisory locks).
-
-    Caps and fingerprints are read-then-written per owner; two workers holding events of the same
-    person must not both see the cap unused. Locks are taken in ascending key order, so two batches
-    that share owners cannot deadlock. SQLite has one writer at a time and needs nothing.
-    """
-    if connection.vendor != "postgresql":
-        return
-    lock_ids = sorted(
-        {int.from_bytes(hashlib.blake2b(k.encode(), digest_size=8).digest(), "big", signed=True) for k in keys}
-    )
-    if lock_ids:
-        with connection.cursor() as cursor:
-            # unnest yields the array in order and the projection runs row by row: locks follow the sort.
-            cursor.execute("SELECT pg_advisory_xact_lock(x) FROM unnest(%s::bigint[]) AS x", [lock_ids])
+    return person_owner(person_id) if person_id is not None else subject_owner(institution_id, subject_ref)
 
 
 @dataclass(slots=True)
@@ -78,7 +70,12 @@ def activities_normalize(*, events: Sequence[InboxEvent]) -> list[Outcome]:
     outcomes: list[Outcome | None] = [None] * len(events)
 
     measured = _already_measured([e.pk for e in events])
-    persons = persons_for_subjects((e.institution_id, e.subject_ref) for e in events)
+    # Subjects first, then the persons they are linked to *after* their locks are held: a link
+    # committing meanwhile is then seen, so no credit lands in a holding lot already pooled.
+    subjects = {(e.institution_id, e.subject_ref) for e in events}
+    owners_lock(subject_owner(i, r) for i, r in subjects)
+    persons = persons_for_subjects(subjects)
+    owners_lock(person_owner(p) for p in set(persons.values()))
     plans: list[_Plan] = []
     for index, event in enumerate(events):
         if event.pk in measured:  # handed again after a crash or a replay: report, don't measure twice
@@ -153,8 +150,6 @@ _ACTIVITY_COLUMNS = (
 def _measure(plans: list[_Plan], weights: dict[str, Decimal]) -> list[Outcome]:
     """Apply fingerprints and caps in event order under the owners' locks, then write everything in
     bulk: activities and fingerprints by COPY, cap usage by one upsert."""
-    owners_lock(plan.owner for plan in plans)
-
     fingerprinted = {(p.owner, p.fingerprint) for p in plans if p.fingerprint}
     seen_fingerprints: set[tuple[str, str]] = set()
     if fingerprinted:
@@ -174,6 +169,7 @@ def _measure(plans: list[_Plan], weights: dict[str, Decimal]) -> list[Outcome]:
 
     now = timezone.now()
     activity_rows: list[tuple[Any, ...]] = []
+    credits: list[Credit] = []
     fingerprint_rows: list[tuple[Any, ...]] = []
     outcomes: list[Outcome] = []
     with localcontext(EXACT):
@@ -209,6 +205,11 @@ def _measure(plans: list[_Plan], weights: dict[str, Decimal]) -> list[Outcome]:
                 (credited_quantity * factor.grams_per_unit * THOUSAND * weight).quantize(ONE, ROUND_HALF_EVEN)
             )
             event = plan.event
+            credits.append(
+                Credit(
+                    event.pk, event.institution_id, plan.person_id, event.subject_ref, resolved.local_day, credited_mg
+                )
+            )
             activity_rows.append(
                 (
                     event.pk,
@@ -238,6 +239,7 @@ def _measure(plans: list[_Plan], weights: dict[str, Decimal]) -> list[Outcome]:
             )
 
     copy_rows(NormalizedActivity, _ACTIVITY_COLUMNS, activity_rows)
+    credits_post(credits)
     copy_rows(ActFingerprint, ("owner_key", "fingerprint", "inbox_event_id", "created_at"), fingerprint_rows)
     if touched:
         _usage_save({key: usage[key] for key in touched})
@@ -328,3 +330,114 @@ def standard_changed() -> None:
     token = uuid.uuid4().hex
     if not StandardRevision.objects.update(token=token, changed_at=timezone.now()):
         StandardRevision.objects.create(token=token)
+
+
+def activities_reverse(*, events: Sequence[InboxEvent]) -> list[Outcome]:
+    """``carbon.activity.reversed``: take back the credit of an earlier recorded event of the same
+    institution. An unknown or never-credited original is quarantined (an operator can replay both
+    once the original is processed); an original still waiting is retried later."""
+    originals = {
+        (row.institution_id, row.event_id): row
+        for row in InboxEvent.objects.filter(
+            type=ACTIVITY_RECORDED,
+            institution_id__in={e.institution_id for e in events},
+            event_id__in={e.data["event_id"] for e in events},
+        )
+    }
+    subjects = {(e.institution_id, e.subject_ref) for e in events}
+    owners_lock(subject_owner(i, r) for i, r in subjects)
+    persons = persons_for_subjects(subjects)
+    owners_lock(person_owner(p) for p in set(persons.values()))
+    outcomes: list[Outcome] = []
+    for event in events:
+        original = originals.get((event.institution_id, event.data["event_id"]))
+        if original is None:
+            outcomes.append(Outcome.quarantined("unknown_event", {"reason": "unknown_event"}))
+            continue
+        if original.status == InboxEvent.Status.RECEIVED:
+            raise OriginalPending(f"{original.event_id} is not processed yet")
+        activity = NormalizedActivity.objects.filter(inbox_event_id=original.pk).first()
+        if activity is None:
+            outcomes.append(Outcome.quarantined("original_not_measured", {"reason": "original_not_measured"}))
+            continue
+        if original.subject_ref != event.subject_ref:
+            outcomes.append(Outcome.quarantined("subject_mismatch", {"reason": "subject_mismatch"}))
+            continue
+        reversal = credit_reverse(
+            original_inbox_id=original.pk,
+            issuer_id=event.institution_id,
+            person_id=persons.get((event.institution_id, event.subject_ref)),
+            subject_ref=event.subject_ref,
+        )
+        if activity.status != Status.REVERSED:
+            NormalizedActivity.objects.filter(pk=activity.pk).update(status=Status.REVERSED, reason=Reason.REVERSED)
+        outcomes.append(
+            Outcome.processed(
+                {
+                    "reversed_event": original.event_id,
+                    "points": reversal.milligrams // 1000,
+                    "reversed_mg": reversal.milligrams,
+                    "from_lots_mg": reversal.from_lots_mg,
+                    "debt_mg": reversal.debt_mg,
+                    "reason": event.data.get("reason"),
+                }
+            )
+        )
+    return outcomes
+
+
+class OriginalPending(Exception):
+    """A reversal arrived before its original was processed; the dispatcher retries it later."""
+
+
+def subject_pool(*, person_id: int, institution_id: int, subject_ref: str, link_key: str) -> dict[str, int]:
+    """Consolidate a subject that just linked to a person (called in the linking transaction).
+
+    The subject's holding lots move into the person's wallet lots in one transfer, except acts the
+    person already has credited (the same fingerprint, reported elsewhere first): those are taken
+    back as ``duplicate_act``. The subject's activities and fingerprints become the person's.
+    """
+    owners_lock([subject_owner(institution_id, subject_ref)])
+    owners_lock([person_owner(person_id)])
+    mine = person_owner(person_id)
+    held = NormalizedActivity.objects.filter(
+        institution_id=institution_id, subject_ref=subject_ref, person__isnull=True
+    )
+    prints = dict(
+        held.filter(status=Status.CREDITED).exclude(fingerprint="").values_list("fingerprint", "inbox_event_id")
+    )
+    known = set(
+        ActFingerprint.objects.filter(owner_key=mine, fingerprint__in=list(prints)).values_list(
+            "fingerprint", flat=True
+        )
+    )
+    duplicate_ids = [prints[fp] for fp in known]
+    duplicates: dict[tuple[int, date], int] = {}
+    if duplicate_ids:
+        lots = Posting.objects.filter(
+            transfer__idempotency_key__in=[f"activity:{i}" for i in duplicate_ids],
+            account__kind=AccountKind.HOLDING_LOT,
+        ).values_list("account__issuer_id", "account__expires_on", "amount")
+        for issuer_id, expires_on, amount in lots:
+            duplicates[(issuer_id, expires_on)] = duplicates.get((issuer_id, expires_on), 0) + amount
+        NormalizedActivity.objects.filter(inbox_event_id__in=duplicate_ids).update(
+            status=Status.DUPLICATE, reason=Reason.DUPLICATE_ACT
+        )
+    totals = holdings_consolidate(
+        person_id=person_id,
+        institution_id=institution_id,
+        subject_ref=subject_ref,
+        duplicates=duplicates,
+        link_key=link_key,
+    )
+    now = timezone.now()
+    ActFingerprint.objects.bulk_create(
+        [
+            ActFingerprint(owner_key=mine, fingerprint=fp, inbox_event_id=i, created_at=now)
+            for fp, i in prints.items()
+            if fp not in known
+        ],
+        ignore_conflicts=True,
+    )
+    held.update(person_id=person_id)
+    return totals

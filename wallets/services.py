@@ -36,6 +36,7 @@ from rest_framework.authtoken.models import Token
 
 from institutions import crypto
 from institutions.models import Institution
+from methodology.services import subject_pool
 from wallets.exceptions import InvalidCredentials, InvalidPassword, LinkNotFound, TooManyLinkCodes, UsernameTaken
 from wallets.models import LinkAttempt, LinkCode, Membership, Person
 
@@ -246,9 +247,13 @@ def account_link(
         linked_at=now,
     )
     _code_use(code, institution, now)
-    # Consolidation goes here, in this same transaction, once the ledger exists: move the subject's
-    # holding lots (points earned before the link) into the person's wallet lots, keeping issuer and
-    # expiry (DESIGN.md, identity and privacy).
+    # Points the subject earned before the link pool into the person's wallet, in this transaction.
+    subject_pool(
+        person_id=person_id,
+        institution_id=institution.pk,
+        subject_ref=subject_ref,
+        link_key=f"consolidate:{membership.pk}",
+    )
     return decide(Result.LINKED, person_id=person_id, membership=membership)
 
 
@@ -334,3 +339,112 @@ def memberships_reseal(*, batch_size: int = 500, progress: Callable[[int, int], 
         if progress is not None:
             progress(done, total)
     return done
+
+
+# --- Erasure ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PersonErased:
+    """What one call of :func:`person_erase` did (all zero when the person was erased before)."""
+
+    forfeited_mg: int
+    forfeit_transfers: int
+    links_deleted: int
+    link_codes_deleted: int
+    user_deleted: bool
+
+
+@transaction.atomic
+def person_erase(*, person: Person) -> PersonErased:
+    """Erase a person (DESIGN.md, identity and privacy), in one transaction.
+
+    - Every wallet lot of the person with points left is forfeited to ``expired(issuer)``: one
+      ``forfeit`` transfer per lot, key ``forfeit:<person id>:<account id>`` (if that key was used by an
+      earlier erasure and the lot received points since, ``...:after-<last posting id>``). Issuer
+      totals therefore still balance (ledger invariant 4).
+    - Memberships (links) and link codes are deleted; link attempts stay for the institutions' failure
+      budgets, detached from the person. The subject's later events find no link and are held for the
+      subject, as for anyone unlinked.
+    - The Django user is deleted, and with it its API token; the person can no longer sign in or use
+      the token. The person row stays as a bare pseudonym with ``erased_at``, so normalized activities,
+      cap usage and ledger amounts stay consistent and pseudonymous under it (``person_id`` unchanged).
+    - Debts stay on the person's debt accounts: nothing is forgiven or moved by erasure, so issuer
+      totals keep showing what was spent and then reversed.
+
+    Idempotent: calling it again forfeits only points that reached the person's lots after the first
+    call (a credit that was already under way) and changes nothing else. Takes the person's owner lock
+    (the one crediting and consolidation take), then the person row, then the lots and the issuers'
+    ``expired`` accounts in id order, so it waits for, and is never interleaved with, a batch crediting
+    the person. Raises :class:`~ledger.exceptions.LedgerError` only if the books are inconsistent.
+    """
+    # Imported here: the ledger and the books' owner lock are used only by erasure in this module.
+    from django.db.models import Max
+
+    from ledger.models import Account, AccountKind, Posting, Transfer
+    from ledger.services import AccountKey, TransferSpec, accounts_ensure, transfers_post
+    from methodology.books import owners_lock, person_owner
+
+    owners_lock([person_owner(person.pk)])
+    person = Person.objects.select_for_update().get(pk=person.pk)
+    now = timezone.now()
+
+    lots = list(
+        Account.objects.filter(person_id=person.pk, kind=AccountKind.WALLET_LOT, balance__gt=0).values_list(
+            "id", "issuer_id"
+        )
+    )
+    forfeited = transfers = 0
+    if lots:
+        expired = accounts_ensure(keys={AccountKey.expired(issuer_id=issuer_id) for _, issuer_id in lots})
+        expired_by_issuer = {key.issuer_id: account_id for key, account_id in expired.items()}
+        # Read the balances under the lock (FOR NO KEY UPDATE, as the posting engine takes it, in id order).
+        balances = dict(
+            Account.objects.select_for_update(no_key=True)
+            .filter(id__in=sorted({lot for lot, _ in lots} | set(expired_by_issuer.values())))
+            .order_by("id")
+            .values_list("id", "balance")
+        )
+        keys = {lot: f"forfeit:{person.pk}:{lot}" for lot, _ in lots}
+        used = set(Transfer.objects.filter(idempotency_key__in=keys.values()).values_list("idempotency_key", flat=True))
+        if used:
+            last = dict(
+                Posting.objects.filter(account_id__in=[lot for lot, key in keys.items() if key in used])
+                .values("account_id")
+                .annotate(last=Max("id"))
+                .values_list("account_id", "last")
+            )
+            keys.update({lot: f"{keys[lot]}:after-{last[lot]}" for lot in last})
+        specs = [
+            TransferSpec(
+                idempotency_key=keys[lot],
+                kind="forfeit",
+                legs=[(lot, -balances[lot]), (expired_by_issuer[issuer_id], balances[lot])],
+                metadata={"reason": "erasure"},
+            )
+            for lot, issuer_id in lots
+            if balances[lot] > 0  # spent or expired meanwhile: nothing to forfeit
+        ]
+        created = transfers_post(transfers=specs).created
+        forfeited = sum(spec.legs[1][1] for spec in specs if spec.idempotency_key in created)
+        transfers = len(created)
+
+    LinkAttempt.objects.filter(person=person).update(person=None)
+    links_deleted, _ = Membership.objects.filter(person=person).delete()
+    codes_deleted, _ = LinkCode.objects.filter(person=person).delete()
+    user_id = person.user_id
+    if person.erased_at is None:
+        person.erased_at = now
+        person.save(update_fields=["erased_at"])
+    if user_id is not None:
+        # The token goes with the user (CASCADE); Person.user is set to NULL (SET_NULL), which the
+        # person_user_or_erased constraint allows now that erased_at is set.
+        get_user_model()._default_manager.filter(pk=user_id).delete()
+    logger.info("person %s erased: %d mg forfeited in %d transfers", person.pseudonym, forfeited, transfers)
+    return PersonErased(
+        forfeited_mg=forfeited,
+        forfeit_transfers=transfers,
+        links_deleted=links_deleted,
+        link_codes_deleted=codes_deleted,
+        user_deleted=user_id is not None,
+    )
