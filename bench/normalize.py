@@ -100,6 +100,7 @@ def main() -> None:
                             "data": data,
                         }
                     )
+                assert verifier is not None
                 intake.events_store(verifier=verifier, webhook_id=f"w{start}", events=events)
         finally:
             intake._kick_processing = original
@@ -149,6 +150,7 @@ def main() -> None:
             baseline.append(args.events / drain())
         finally:
             unregister("carbon.activity.recorded")
+            assert handler is not None
             register("carbon.activity.recorded")(handler)
         print(
             f"repeat {repeat + 1}: handler alone {alone[-1]:,.0f}/s, through the dispatcher {full[-1]:,.0f}/s, "

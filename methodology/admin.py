@@ -151,4 +151,4 @@ class NormalizedActivityAdmin(admin.ModelAdmin):
 
     @admin.display(description="owner")
     def owner(self, obj: NormalizedActivity) -> str:
-        return obj.person.pseudonym if obj.person_id else "unlinked subject"
+        return obj.person.pseudonym if obj.person is not None else "unlinked subject"

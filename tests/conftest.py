@@ -105,8 +105,10 @@ def _fresh_rate_windows() -> Iterator[None]:
     from institutions import intake
 
     intake._local_windows.clear()
+    intake._reserved.clear()  # requests this process reserved in Redis and has not spent yet
     yield
     intake._local_windows.clear()
+    intake._reserved.clear()
     client = redis_client()
     # Tests that point Redis at a closed port leave a client that cannot answer: nothing to clean then.
     with contextlib.suppress(Exception):

@@ -5,17 +5,24 @@ from __future__ import annotations
 import json
 import socket
 import stat
+from decimal import Decimal
 from io import StringIO
 from pathlib import Path
 
 import pytest
 from django.contrib.auth.models import User
 from django.core.management import CommandError, call_command
+from django.db.models import QuerySet
 
 from institutions import crypto
 from institutions.management.commands.demo_setup import DEMO_INSTITUTIONS
 from institutions.models import Credential, InboxEvent, Institution
 from institutions.services import institution_set_status
+from methodology.models import ActionMapping, NormalizedActivity, Scenario
+from methodology.services import standard_changed
+from wallets.models import Membership, Person
+
+EAST, WEST = "demo-bank-east", "demo-pay-west"
 
 
 def setup(tmp_path: Path) -> tuple[str, dict]:
@@ -132,6 +139,14 @@ def test_demo_traffic_needs_demo_setup_first(settings, tmp_path):
         call_command("demo_traffic", url="http://127.0.0.1:9", wait=0, stdout=StringIO(), stderr=StringIO())
 
 
+def story_events(key: str) -> QuerySet[InboxEvent]:
+    return InboxEvent.objects.filter(event_id__startswith="story-", event_id__contains=f"-{key}-").order_by("pk")
+
+
+def story_activities(key: str) -> QuerySet[NormalizedActivity]:
+    return NormalizedActivity.objects.filter(inbox_event__in=story_events(key)).order_by("inbox_event_id")
+
+
 @pytest.mark.django_db(transaction=True)
 def test_demo_traffic_pushes_signed_events_through_a_live_hub(var_dir, live_server):
     setup(var_dir)
@@ -140,20 +155,124 @@ def test_demo_traffic_pushes_signed_events_through_a_live_hub(var_dir, live_serv
     printed = out.getvalue()
 
     # 40 activity events, plus the good half of the batch that carries the rejected one.
-    assert InboxEvent.objects.count() == 41
+    bulk = InboxEvent.objects.filter(event_id__startswith="ev-")
+    assert bulk.count() == 41
     assert not InboxEvent.objects.filter(data__has_key="gps").exists()
     issuers = {spec.code for spec in DEMO_INSTITUTIONS if not spec.provider}
-    assert set(InboxEvent.objects.values_list("institution__code", flat=True).distinct()) == issuers
-    assert set(InboxEvent.objects.values_list("type", flat=True).distinct()) == {"carbon.activity.recorded"}
-    actions = set(InboxEvent.objects.values_list("data__action", flat=True))
-    assert {"transit.metro", "mobility.walking"} <= actions
+    assert set(bulk.values_list("institution__code", flat=True).distinct()) == issuers
+    assert set(bulk.values_list("type", flat=True).distinct()) == {"carbon.activity.recorded"}
+    assert {"transit.metro", "mobility.walking"} <= set(bulk.values_list("data__action", flat=True))
+    # Processed in process right after each commit: normalized under the standard, none left waiting.
+    assert set(bulk.values_list("status", flat=True)) == {"processed"}
+    assert NormalizedActivity.objects.filter(inbox_event__in=bulk).count() == 41
 
-    assert "every request got the answer the demo expects" in printed
+    assert "every request got the answer and every story the outcome the demo expects" in printed
+    assert "FAIL" not in printed
     for case in ("duplicate resend", "same id, other content", "field outside the contract"):
         assert case in printed
     assert "data.gps unexpected_field" in printed
     assert "total" in printed and "202x" in printed
     assert "requests" in err.getvalue()  # the progress bar
+    for story in ("1. One standard", "2. A person links", "3. A capped day", "4. One act, two reports", "5. An action"):
+        assert story in printed
+    assert "cap_reached" in printed and "duplicate_act" in printed and "quarantined" in printed
+
+    assert_units_measured_in_the_scenarios_units()
+    person = assert_person_linked_at_east_and_west()
+    assert_capped_day(person)
+    assert_act_reported_twice_is_credited_once(person)
+    assert_unknown_action_quarantined()
+
+
+def assert_units_measured_in_the_scenarios_units() -> None:
+    rows = list(story_activities("units").values_list("scenario__code", "quantity", "status", "person"))
+    assert rows == [
+        ("transit.metro", Decimal("12.5"), "credited", None),  # sent in km
+        ("transit.metro", Decimal("8.4"), "credited", None),  # sent as 8400 m
+        ("mobility.walking", Decimal("6000"), "credited", None),  # step
+        ("food.clean_plate", Decimal("1"), "credited", None),  # sent as check-in
+        ("paper.e_bill", Decimal("2"), "credited", None),  # sent as bills
+        ("energy.electricity_saved", Decimal("1.5"), "credited", None),  # sent as 1500 Wh
+    ]
+    metro_m = story_activities("units").get(quantity=Decimal("8.4"))
+    assert metro_m.grams == Decimal("8.4") * Decimal("46.8") and metro_m.credited_mg == 393120
+
+
+def assert_person_linked_at_east_and_west() -> Person:
+    person = Person.objects.get(user__username__startswith="demo-person-")
+    links = Membership.objects.filter(person=person, unlinked_at__isnull=True)
+    assert set(links.values_list("institution__code", flat=True)) == {EAST, WEST}
+
+    linked_events = story_events("link").filter(type="carbon.account.linked")
+    assert [(e.institution.code, e.status, e.outcome) for e in linked_events] == [
+        (EAST, "processed", {"linked": True, "reason": "linked"}),
+        (WEST, "processed", {"linked": True, "reason": "linked"}),
+    ]
+    assert all(e.data == {"link_code": "[redacted]"} for e in linked_events)
+
+    before, *after = story_activities("link")
+    # Before the link the subject's act was its own (its holding); the link bound that very subject.
+    assert before.person_id is None and before.owner_key.startswith("s:")
+    assert before.subject_ref == links.get(institution__code=EAST).subject_ref
+    assert [(a.institution.code, a.person_id, a.owner_key) for a in after] == [
+        (EAST, person.pk, f"p:{person.pk}"),
+        (WEST, person.pk, f"p:{person.pk}"),
+    ]
+    return person
+
+
+def assert_capped_day(person: Person) -> None:
+    rows = list(
+        story_activities("cap").values_list(
+            "institution__code", "person", "quantity", "credited_quantity", "status", "reason"
+        )
+    )
+    assert rows == [
+        (WEST, person.pk, 1, 1, "credited", ""),
+        (EAST, person.pk, 1, 1, "credited", ""),
+        (WEST, person.pk, 2, 1, "credited", "cap_reached"),  # partly credited: one of two fits under the cap
+        (EAST, person.pk, 1, 0, "capped", "cap_reached"),
+    ]
+    assert sum(row[3] for row in rows) == 3  # the day cap of food.clean_plate, across both institutions
+
+
+def assert_act_reported_twice_is_credited_once(person: Person) -> None:
+    first, second = story_activities("twice")
+    assert first.fingerprint and first.fingerprint == second.fingerprint
+    assert (first.institution.code, first.person_id, first.status, first.reason) == (EAST, person.pk, "credited", "")
+    assert (second.institution.code, second.person_id, second.status, second.reason) == (
+        WEST,
+        person.pk,
+        "duplicate",
+        "duplicate_act",
+    )
+    assert first.credited_mg > 0 and second.credited_mg == 0
+
+
+def assert_unknown_action_quarantined() -> None:
+    (event,) = story_events("unknown")
+    assert (event.status, event.last_error, event.data["action"]) == (
+        "quarantined",
+        "unknown_action",
+        "transit.hyperloop",
+    )
+    assert not NormalizedActivity.objects.filter(inbox_event=event).exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_demo_traffic_fails_when_a_story_ends_otherwise(var_dir, live_server):
+    setup(var_dir)
+    # An operator maps the action the demo expects to be unknown: its story no longer ends quarantined.
+    ActionMapping.objects.create(
+        institution=Institution.objects.get(code="demo-metro-card"),
+        action_code="transit.hyperloop",
+        scenario=Scenario.objects.get(code="transit.metro"),
+    )
+    standard_changed()
+    out = StringIO()
+    with pytest.raises(CommandError, match=r"story 'unknown'.*event status processed, expected quarantined"):
+        call_command("demo_traffic", url=live_server.url, wait=5, events=3, seed=1, stdout=out, stderr=StringIO())
+    assert "FAIL" in out.getvalue() and "5. An action" in out.getvalue()
 
 
 @pytest.mark.django_db(transaction=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 
 import pytest
 from django.conf import settings
@@ -88,6 +88,7 @@ def test_reserved_requests_never_exceed_the_limit(bank, frozen_window):
     verifier = Verifier(bank.institution.pk, bank.code, True, limit, (), ())
     key = f"{settings.HUB_REDIS_KEY_PREFIX}ratelimit:intake:{bank.institution.pk}:{limit}:{frozen_window}"
     client = redis_client()
+    assert client is not None
     client.set(key, limit - 2, ex=5)  # other processes already took all but two
 
     intake.check_rate(verifier)  # reserves 3, of which 2 are inside the limit
@@ -108,7 +109,9 @@ def test_small_limits_are_counted_one_request_at_a_time(bank, frozen_window):
     assert intake._reserved == {}
     with pytest.raises(intake.RateLimited):
         intake.check_rate(verifier)
-    redis_client().delete(f"{settings.HUB_REDIS_KEY_PREFIX}ratelimit:intake:{bank.institution.pk}:150:{frozen_window}")
+    client = redis_client()
+    assert client is not None
+    client.delete(f"{settings.HUB_REDIS_KEY_PREFIX}ratelimit:intake:{bank.institution.pk}:150:{frozen_window}")
 
 
 # --- Coalesced kicks ----------------------------------------------------------------------------------
@@ -234,7 +237,7 @@ def row(event_id: str) -> tuple:
 class ControlledInserts:
     """Stands in for intake._insert_rows: the first statement blocks until released, so requests queue."""
 
-    def __init__(self, *, fail_call: int | None = None, stored: set[tuple[int, str]] = frozenset()):
+    def __init__(self, *, fail_call: int | None = None, stored: Collection[tuple[int, str]] = frozenset()):
         self.calls: list[list[tuple[int, str]]] = []
         self.release = threading.Event()
         self.fail_call = fail_call
@@ -254,7 +257,7 @@ class ControlledInserts:
         return set(new)
 
 
-def run_in_threads(group, requests: list[list[tuple]]) -> list:
+def run_in_threads(group, requests: list[list[tuple]]) -> tuple[list[threading.Thread], list]:
     """Start the first request, queue the others behind its statement, then let it finish."""
     answers: list = [None] * len(requests)
 

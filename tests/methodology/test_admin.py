@@ -67,7 +67,8 @@ def test_changed_factor_is_a_new_version(operator):
 
 
 def test_factor_versions_cannot_be_edited_in_place(operator):
-    version = FactorVersion.objects.first()
+    version = FactorVersion.objects.order_by("pk").first()
+    assert version is not None
     response = operator.post(
         f"/admin/methodology/factorversion/{version.pk}/change/",
         {"scenario": version.scenario_id, "valid_from": "2021-01-01", "grams_per_unit": "1", "source": "x"},

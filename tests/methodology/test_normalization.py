@@ -40,6 +40,7 @@ def test_worked_example(client, bank, django_capture_on_commit_callbacks, action
     assert response.status_code == 202
     row = InboxEvent.objects.get(event_id=event["id"])
     assert row.status == "processed", row.last_error
+    assert row.outcome is not None
     assert row.outcome["grams"] == grams
     assert row.outcome["credited_mg"] == milligrams
     assert row.outcome["points"] == milligrams // 1000

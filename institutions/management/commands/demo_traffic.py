@@ -2,13 +2,14 @@
 
 It is a client, like an institution's own sender: it talks to the hub only over HTTP and signs with
 :func:`institutions.crypto.webhook_headers`, the same code the hub verifies with. The secrets come
-from the file ``demo_setup`` writes, because the hub shows them only once.
+from the file ``demo_setup`` writes, because the hub shows them only once. After the bulk traffic,
+:mod:`institutions.demo.stories` tells the stories of the unified standard and of a person's linked
+accounts, event by event.
 """
 
 from __future__ import annotations
 
 import hashlib
-import http.client
 import itertools
 import json
 import random
@@ -21,20 +22,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlsplit
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from institutions import crypto
+from institutions.demo.client import Hub, Sender
+from institutions.demo.stories import ACTIVITY, Storyteller, describe
 from institutions.management.commands.demo_setup import default_credentials_path, read_credentials
-
-SINGLE = "application/cloudevents+json"
-BATCH = "application/cloudevents-batch+json"
-ACTIVITY = "carbon.activity.recorded"
-REQUEST_TIMEOUT_SECONDS = 30
-MAX_RATE_LIMIT_RETRIES = 5
-
 
 # --- What the demo institutions report --------------------------------------------------------------
 
@@ -98,20 +92,6 @@ SUBJECTS_PER_INSTITUTION = 40
 
 
 @dataclass
-class Sender:
-    code: str
-    api_token: str
-    provider: bool
-    hmac_secret: bytes | None = None
-    private_key: Ed25519PrivateKey | None = None
-
-    def signature_choices(self) -> list[tuple[str, ...]]:
-        if self.hmac_secret and self.private_key:
-            return [("v1",), ("v1a",), ("v1", "v1a")]
-        return [("v1",)] if self.hmac_secret else [("v1a",)]
-
-
-@dataclass
 class PlannedRequest:
     sender: Sender
     events: list[dict[str, Any]]
@@ -132,52 +112,20 @@ class PlannedRequest:
             self.body = json.dumps(payload, separators=(",", ":")).encode()
 
 
-class Hub:
-    """A minimal HTTP client: one connection per request, no redirects (a sender must not follow them)."""
-
-    def __init__(self, url: str):
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise CommandError(f"--url must be an http(s) URL such as http://127.0.0.1:8000; got {url!r}.")
-        self.url = url.rstrip("/")
-        self.scheme = parts.scheme
-        self.host = parts.hostname
-        self.port = parts.port
-        self.prefix = parts.path.rstrip("/")
-
-    def request(
-        self, method: str, path: str, *, body: bytes | None = None, headers: dict[str, str] | None = None
-    ) -> tuple[int, dict[str, str], bytes]:
-        """``(status, headers, body)``; raises :class:`OSError` when the hub cannot be reached."""
-        connection_class = http.client.HTTPSConnection if self.scheme == "https" else http.client.HTTPConnection
-        connection = connection_class(self.host, self.port, timeout=REQUEST_TIMEOUT_SECONDS)
-        try:
-            connection.request(method, self.prefix + path, body=body, headers=headers or {})
-            response = connection.getresponse()
-            return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
-        except http.client.HTTPException as exc:
-            raise OSError(f"{type(exc).__name__}: {exc}") from exc
-        finally:
-            connection.close()
-
-
-def _json(body: bytes) -> Any:
-    try:
-        return json.loads(body)
-    except ValueError:
-        return None
-
-
 class Command(BaseCommand):
     help = (
         "Push signed demo traffic from the institutions demo_setup registered through the hub's real HTTP "
         "intake: single and batch CloudEvents requests, v1 (HMAC) and v1a (Ed25519) signatures, activity "
         "events for metro rides, walking, clean-plate check-ins, e-bills and more, plus three deliberate "
         "cases: a duplicate resend, an event reusing an id with other content (conflict) and an event "
-        "with a field outside the contract (rejected). Prints per-institution results and a few event "
-        "statuses read back with each institution's API token. Exits non-zero when the hub cannot be "
-        "reached, a request fails (401, 5xx or any other answer but 202), or a result differs from what "
-        "the demo expects."
+        "with a field outside the contract (rejected). Then tell five stories event by event, each event "
+        "followed with GET /api/v1/institutions/{code}/events/{id}: the unified standard measuring acts "
+        "reported in other units (m, Wh, steps, check-ins); a new person (demo-person-<run>, signed up "
+        "through the person API) whose bank reports for them before and after they link it with a link "
+        "code; a capped day of clean-plate check-ins across two institutions; one act reported twice "
+        "(the same fingerprint, credited once); an unknown action, quarantined. Exits non-zero when the "
+        "hub cannot be reached, a request fails (401, 5xx or any other answer but 202), or a result or a "
+        "story's outcome differs from what the demo expects."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
@@ -222,7 +170,10 @@ class Command(BaseCommand):
         issuers = [s for s in senders if not s.provider]
         if not issuers:
             raise CommandError(f"{path} holds no issuing institution; run manage.py demo_setup.")
-        hub = Hub(options["url"])
+        try:
+            hub = Hub(options["url"])
+        except ValueError as exc:
+            raise CommandError(str(exc)) from exc
         seed = options["seed"] if options["seed"] is not None else secrets.randbelow(1_000_000)
         rng = random.Random(seed)  # noqa: S311 (shapes demo data; the secrets come from demo_setup)
 
@@ -237,9 +188,15 @@ class Command(BaseCommand):
         self._send_all(hub, plan)
         failures = self._report_requests(plan, issuers)
         failures += self._report_statuses(hub, plan, issuers)
+        failures += Storyteller(hub, issuers, run=run, write=self.stdout.write).tell()
+        self.stdout.write("")
         if failures:
             raise CommandError(f"demo_traffic: {len(failures)} unexpected answer(s):\n  " + "\n  ".join(failures))
-        self.stdout.write(self.style.SUCCESS("demo_traffic: every request got the answer the demo expects."))
+        self.stdout.write(
+            self.style.SUCCESS(
+                "demo_traffic: every request got the answer and every story the outcome the demo expects."
+            )
+        )
 
     # --- Setup ----------------------------------------------------------------------------------------
 
@@ -375,27 +332,19 @@ class Command(BaseCommand):
         act = rng.choices(acts, weights=[a.weight for a in acts])[0]
         subject = f"{prefix}-cust-{rng.randint(1, SUBJECTS_PER_INSTITUTION):04d}"
         moment = datetime.now(UTC) - timedelta(seconds=rng.randint(60, 6 * 24 * 3600))
-        when = moment.strftime("%Y-%m-%dT%H:%M:%SZ")
         quantity = act.quantity(rng)
         data: dict[str, Any] = {"action": act.action, "quantity": quantity, "unit": act.unit}
         if act.issuer_points is not None:
             data["issuer_points"] = act.issuer_points(rng, quantity)
         if rng.random() < 0.5:
             # An opaque hash of the real-world act, so a second report of it (another issuer) is spotted.
-            data["fingerprint"] = hashlib.sha256(f"{sender.code}|{subject}|{act.action}|{when}".encode()).hexdigest()
+            data["fingerprint"] = hashlib.sha256(
+                f"{sender.code}|{subject}|{act.action}|{moment:%Y-%m-%dT%H:%M:%S}".encode()
+            ).hexdigest()
         evidence = rng.choice(act.evidence)
         if evidence != "automatic" or rng.random() < 0.3:
             data["evidence"] = evidence
-        return {
-            "specversion": "1.0",
-            "id": event_id,
-            "source": f"/{sender.code}/app",
-            "type": ACTIVITY,
-            "subject": subject,
-            "time": when,
-            "datacontenttype": "application/json",
-            "data": data,
-        }
+        return sender.event(event_id, ACTIVITY, subject, data, moment)
 
     # --- Sending --------------------------------------------------------------------------------------
 
@@ -415,35 +364,21 @@ class Command(BaseCommand):
         )
         self.stderr.flush()
 
-    def _send(self, hub: Hub, request: PlannedRequest) -> None:
-        sender = request.sender
-        for _ in range(MAX_RATE_LIMIT_RETRIES + 1):
-            headers = crypto.webhook_headers(
-                request.body,
-                msg_id=request.msg_id,
-                timestamp=int(time.time()),
-                hmac_secrets=[sender.hmac_secret] if "v1" in request.versions and sender.hmac_secret else [],
-                ed25519_keys=[sender.private_key] if "v1a" in request.versions and sender.private_key else [],
+    @staticmethod
+    def _send(hub: Hub, request: PlannedRequest) -> None:
+        try:
+            answer = hub.events_post(
+                request.sender, request.body, msg_id=request.msg_id, versions=request.versions, batch=request.batch
             )
-            headers["Content-Type"] = BATCH if request.batch else SINGLE
-            try:
-                status, response_headers, body = hub.request(
-                    "POST", f"/api/v1/institutions/{quote(sender.code)}/events", body=request.body, headers=headers
-                )
-            except OSError as exc:
-                request.problem = f"unreachable: {exc}"
-                return
-            if status == 429:
-                time.sleep(min(float(response_headers.get("retry-after", "1") or 1), 5.0))
-                continue
-            break
-        request.http_status = status
-        document = _json(body)
+        except OSError as exc:
+            request.problem = f"unreachable: {exc}"
+            return
+        request.http_status = answer.status
+        document = answer.document
         if isinstance(document, dict) and isinstance(document.get("results"), list):
             request.results = document["results"]
-        if status != 202:
-            detail = document.get("detail") if isinstance(document, dict) else body[:200].decode(errors="replace")
-            request.problem = f"HTTP {status}: {detail}"
+        if answer.status != 202:
+            request.problem = f"HTTP {answer.status}: {answer.detail}"
 
     # --- Reporting ------------------------------------------------------------------------------------
 
@@ -513,44 +448,27 @@ class Command(BaseCommand):
 
         rows = []
         for sender, event_id in picks:
-            path = f"/api/v1/institutions/{quote(sender.code)}/events/{quote(event_id, safe='')}"
             try:
-                status, _, body = hub.request("GET", path, headers={"Authorization": f"Bearer {sender.api_token}"})
+                answer = hub.event_get(sender, event_id)
             except OSError as exc:
-                failures.append(f"GET {path}: unreachable: {exc}")
+                failures.append(f"GET {sender.code} event {event_id}: unreachable: {exc}")
                 continue
-            document = _json(body) or {}
-            if status == 200:
-                rows.append(
-                    [
-                        sender.code,
-                        event_id,
-                        str(status),
-                        document.get("status", "?"),
-                        self._outcome(document.get("outcome")),
-                    ]
-                )
+            document = answer.document if isinstance(answer.document, dict) else {}
+            if answer.status == 200:
+                status, outcome = document.get("status", "?"), describe(document.get("outcome"))
+                rows.append([sender.code, event_id, str(answer.status), status, outcome])
             else:
-                rows.append([sender.code, event_id, str(status), "-", document.get("code", "")])
-                failures.append(f"GET {path}: HTTP {status} ({document.get('detail', '')})")
+                rows.append([sender.code, event_id, str(answer.status), "-", document.get("code", "")])
+                failures.append(f"GET {sender.code} event {event_id}: HTTP {answer.status} ({answer.detail})")
         self.stdout.write("")
         self.stdout.write("Event statuses (GET /api/v1/institutions/{code}/events/{id}, bearer token):")
         self._table(["institution", "event id", "HTTP", "status", "outcome"], rows)
         if any(row[3] == "received" for row in rows):
             self.stdout.write(
-                "(received: stored durably and waiting for its handler; the admin's inbox shows which types "
-                "no app handles yet.)"
+                "(received: stored durably, not processed yet; with REDIS_URL set, a Celery worker processes "
+                "the inbox.)"
             )
         return failures
-
-    @staticmethod
-    def _outcome(outcome: Any) -> str:
-        if not isinstance(outcome, dict) or not outcome:
-            return "-"
-        keys = ("scenario", "quantity", "unit", "grams", "points", "reason")
-        parts = [f"{k}={outcome[k]}" for k in keys if outcome.get(k) not in (None, "")]
-        text = " ".join(parts) or json.dumps(outcome, separators=(",", ":"))
-        return text if len(text) <= 90 else text[:89] + "…"
 
     def _table(self, header: list[str], rows: list[list[str]], *, numeric: tuple[int, ...] = ()) -> None:
         widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]

@@ -6,7 +6,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('institutions', '0001_initial'),
+        ('institutions', '0002_inbox_lean_indexes'),
     ]
 
     operations = [
