@@ -211,8 +211,9 @@ def assert_person_linked_at_east_and_west() -> Person:
     assert all(e.data == {"link_code": "[redacted]"} for e in linked_events)
 
     before, *after = story_activities("link")
-    # Before the link the subject's act was its own (its holding); the link bound that very subject.
-    assert before.person_id is None and before.owner_key.startswith("s:")
+    # Before the link the subject's act was its own (owner key of the subject, points in a holding
+    # lot); the link bound that very subject and pooled the act into the person's wallet.
+    assert before.owner_key.startswith("s:") and before.person_id == person.pk
     assert before.subject_ref == links.get(institution__code=EAST).subject_ref
     assert [(a.institution.code, a.person_id, a.owner_key) for a in after] == [
         (EAST, person.pk, f"p:{person.pk}"),
