@@ -419,6 +419,7 @@ def subject_pool(*, person_id: int, institution_id: int, subject_ref: str, link_
             account__kind=AccountKind.HOLDING_LOT,
         ).values_list("account__issuer_id", "account__expires_on", "amount")
         for issuer_id, expires_on, amount in lots:
+            assert expires_on is not None  # every lot has an expiry
             duplicates[(issuer_id, expires_on)] = duplicates.get((issuer_id, expires_on), 0) + amount
         NormalizedActivity.objects.filter(inbox_event_id__in=duplicate_ids).update(
             status=Status.DUPLICATE, reason=Reason.DUPLICATE_ACT

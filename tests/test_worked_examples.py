@@ -160,7 +160,7 @@ def test_a_reversal_after_the_points_are_gone_becomes_a_debt_paid_by_the_next_cr
 def test_a_reversal_of_held_points_takes_them_from_the_holding_lot(client, django_capture_on_commit_callbacks):
     east = make_sender("bank-east")
     send_ = lambda *events: send(client, east, django_capture_on_commit_callbacks, *events)  # noqa: E731
-    (ride, bus) = send_(
+    (ride, _bus) = send_(
         activity(subject="lin@east", action="transit.metro", quantity="10", unit="km"),
         activity(subject="lin@east", action="transit.bus", quantity="1", unit="trip"),
     )

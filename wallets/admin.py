@@ -11,8 +11,11 @@ from typing import Any
 from django.contrib import admin, messages
 from django.db.models import Count, Q, QuerySet
 from django.http import HttpRequest
+from django.utils.html import format_html, format_html_join
+from django.utils.safestring import mark_safe
 
 from wallets.models import LinkAttempt, LinkCode, Membership, Person
+from wallets.selectors import wallet_summary
 from wallets.services import membership_end
 
 
@@ -29,10 +32,26 @@ class ReadOnlyAdmin(admin.ModelAdmin):
 
 @admin.register(Person)
 class PersonAdmin(ReadOnlyAdmin):
-    list_display = ["pseudonym", "created_at", "active_links"]
-    fields = ["pseudonym", "created_at"]
+    list_display = ["pseudonym", "created_at", "active_links", "erased_at"]
+    list_filter = [("erased_at", admin.EmptyFieldListFilter)]
+    fields = ["pseudonym", "created_at", "erased_at", "wallet"]
+    readonly_fields = ["wallet"]
     search_fields = ["pseudonym"]
     date_hierarchy = "created_at"
+
+    @admin.display(description="Wallet")
+    def wallet(self, person: Person) -> str:
+        """The summary the person sees, from the ledger's balances (two queries)."""
+        summary = wallet_summary(person)
+        parts = [format_html("{} points ({} g)", summary.points, summary.grams)]
+        parts += [
+            format_html("{}: {} points, next lapse {}", b.institution, b.points, b.next_expiry)
+            for b in summary.by_institution
+        ]
+        parts += [format_html("expiring soon: {} points on {}", e.points, e.expires_on) for e in summary.expiring_soon]
+        if summary.debt_milligrams:
+            parts.append(format_html("owes {} points", summary.debt_points))
+        return format_html_join(mark_safe("<br>"), "{}", ((part,) for part in parts))
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Person]:
         return (

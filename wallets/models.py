@@ -21,12 +21,25 @@ def new_pseudonym() -> str:
 
 
 class Person(models.Model):
-    user = models.OneToOneField(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="person")
+    """A person, or after erasure (``wallets.services.person_erase``) only their pseudonym: the user is
+    gone (``user`` is NULL, ``erased_at`` set), while activities and ledger amounts stay under this row."""
+
+    user = models.OneToOneField(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="person"
+    )
     pseudonym = models.CharField(max_length=32, unique=True, default=new_pseudonym)
     created_at = models.DateTimeField(default=timezone.now)
+    erased_at = models.DateTimeField(null=True, blank=True, help_text="When the person erased their account.")
 
     class Meta:
         verbose_name_plural = "persons"
+        constraints = [
+            # A user vanishes only through erasure: deleting one any other way fails here rather than
+            # leaving a person who can neither sign in nor be told apart from an erased one.
+            models.CheckConstraint(
+                condition=Q(user__isnull=False) | Q(erased_at__isnull=False), name="person_user_or_erased"
+            ),
+        ]
 
     def __str__(self) -> str:
         return self.pseudonym

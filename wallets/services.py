@@ -373,21 +373,33 @@ def person_erase(*, person: Person) -> PersonErased:
       totals keep showing what was spent and then reversed.
 
     Idempotent: calling it again forfeits only points that reached the person's lots after the first
-    call (a credit that was already under way) and changes nothing else. Takes the person's owner lock
-    (the one crediting and consolidation take), then the person row, then the lots and the issuers'
-    ``expired`` accounts in id order, so it waits for, and is never interleaved with, a batch crediting
-    the person. Raises :class:`~ledger.exceptions.LedgerError` only if the books are inconsistent.
+    call and changes nothing else.
+
+    Locks, in this order, so that no credit, link or reversal of the person is interleaved with it:
+    the person row (``FOR NO KEY UPDATE``: one erasure at a time, and no new link code meanwhile); the
+    link codes, by deleting them (a link using one of them commits first); the owner locks of the
+    linked subjects, then the person's (the order crediting, consolidation and reversals take them, so a
+    batch that found the link either commits first and its credit is forfeited, or waits and then finds
+    no link); then the lots and the issuers' ``expired`` accounts in id order. Raises
+    :class:`~ledger.exceptions.LedgerError` only if the books are inconsistent.
     """
-    # Imported here: the ledger and the books' owner lock are used only by erasure in this module.
+    # Imported here: the ledger and the books' owner locks are used only by erasure in this module.
     from django.db.models import Max
 
     from ledger.models import Account, AccountKind, Posting, Transfer
     from ledger.services import AccountKey, TransferSpec, accounts_ensure, transfers_post
-    from methodology.books import owners_lock, person_owner
+    from methodology.books import owners_lock, person_owner, subject_owner
 
-    owners_lock([person_owner(person.pk)])
-    person = Person.objects.select_for_update().get(pk=person.pk)
+    # NO KEY: links and activities being written for the person hold KEY SHARE on this row (their
+    # foreign keys); FOR UPDATE would wait for them while they wait for the owner locks below.
+    person = Person.objects.select_for_update(no_key=True).get(pk=person.pk)
     now = timezone.now()
+    codes_deleted, _ = LinkCode.objects.filter(person=person).delete()
+    subjects = Membership.objects.filter(person=person, unlinked_at__isnull=True).values_list(
+        "institution_id", "subject_ref"
+    )
+    owners_lock(subject_owner(institution_id, subject_ref) for institution_id, subject_ref in subjects)
+    owners_lock([person_owner(person.pk)])
 
     lots = list(
         Account.objects.filter(person_id=person.pk, kind=AccountKind.WALLET_LOT, balance__gt=0).values_list(
@@ -431,7 +443,6 @@ def person_erase(*, person: Person) -> PersonErased:
 
     LinkAttempt.objects.filter(person=person).update(person=None)
     links_deleted, _ = Membership.objects.filter(person=person).delete()
-    codes_deleted, _ = LinkCode.objects.filter(person=person).delete()
     user_id = person.user_id
     if person.erased_at is None:
         person.erased_at = now

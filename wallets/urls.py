@@ -8,4 +8,8 @@ urlpatterns = [
     path("me/link-codes", apis.LinkCodeCreateApi.as_view(), name="link-codes-create"),
     path("me/links", apis.LinkListApi.as_view(), name="links-list"),
     path("me/links/<str:institution>", apis.LinkDeleteApi.as_view(), name="links-delete"),
+    path("me/wallet", apis.WalletApi.as_view(), name="wallet"),
+    path("me/activities", apis.ActivityListApi.as_view(), name="activities-list"),
+    path("me/export", apis.ExportApi.as_view(), name="me-export"),
+    path("me", apis.MeApi.as_view(), name="me"),
 ]

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
+from datetime import date
 from typing import Any
 
 import pytest
 
 from institutions.models import InboxEvent
+from ledger.services import AccountKey, TransferSpec, accounts_ensure, transfers_post
 from tests.conftest import Sender, post_events
 from wallets.models import Person
 from wallets.services import person_signup
@@ -83,3 +85,38 @@ def outcome(row: InboxEvent) -> dict[str, Any]:
     assert row.status == InboxEvent.Status.PROCESSED, (row.status, row.last_error)
     assert row.outcome is not None
     return row.outcome
+
+
+# --- Balances, straight through the ledger's services -------------------------------------------------
+
+
+def credit(person_id: int, issuer_id: int, expires_on: date, mg: int) -> None:
+    """``mg`` from the issuer's outstanding into the person's wallet lot of that month."""
+    lot = AccountKey.wallet_lot(person_id=person_id, issuer_id=issuer_id, expires_on=expires_on)
+    issuer = AccountKey.issuer_outstanding(issuer_id=issuer_id)
+    ids = accounts_ensure(keys=[lot, issuer])
+    transfers_post(
+        transfers=[
+            TransferSpec(
+                idempotency_key=f"test-credit:{uuid.uuid4().hex}",
+                kind="credit",
+                legs=[(ids[issuer], -mg), (ids[lot], mg)],
+            )
+        ]
+    )
+
+
+def owe(person_id: int, issuer_id: int, mg: int) -> None:
+    """The issuer takes back ``mg`` the person no longer has: a debt."""
+    debt = AccountKey.person_debt(person_id=person_id, issuer_id=issuer_id)
+    taken_back = AccountKey.reversed(issuer_id=issuer_id)
+    ids = accounts_ensure(keys=[debt, taken_back])
+    transfers_post(
+        transfers=[
+            TransferSpec(
+                idempotency_key=f"test-reverse:{uuid.uuid4().hex}",
+                kind="reverse",
+                legs=[(ids[debt], -mg), (ids[taken_back], mg)],
+            )
+        ]
+    )

@@ -21,7 +21,7 @@ def test_signup_creates_a_pseudonymous_person_and_a_working_token(client):
     assert list(response.json()) == ["token"]
     person = Person.objects.get(user__username="alice")
     assert person.pseudonym.startswith("p_") and "alice" not in person.pseudonym
-    assert person.user.check_password(PASSWORD)
+    assert person.user is not None and person.user.check_password(PASSWORD)
     assert client.get("/api/v1/me/links", headers=auth(token)).json() == []
 
 
