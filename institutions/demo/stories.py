@@ -89,6 +89,22 @@ def _linked_at_east_and_west(links: Any) -> list[str]:
     return [] if found == {EAST, WEST} else [f"linked at {sorted(map(str, found))}, expected {EAST} and {WEST}"]
 
 
+def _wallet_line(wallet: Any) -> str:
+    parts = ", ".join(f"{row.get('institution')} {row.get('points')}" for row in wallet.get("by_institution", []))
+    return f"{wallet.get('points')} points ({wallet.get('grams')} g): {parts}"
+
+
+def _pooled(wallet: Any, credited_mg: int) -> list[str]:
+    """The wallet holds exactly what the person's activities were credited, from all three institutions."""
+    problems = []
+    issuers = {row.get("institution") for row in wallet.get("by_institution", [])}
+    if issuers != {EAST, WEST, METRO}:
+        problems.append(f"points from {sorted(issuers)}, expected {sorted({EAST, WEST, METRO})}")
+    if Decimal(str(wallet.get("grams", "0"))) * 1000 != credited_mg:
+        problems.append(f"{wallet.get('grams')} g in the wallet, {credited_mg / 1000:.3f} g credited")
+    return problems
+
+
 def describe(outcome: Any) -> str:
     """An event's outcome in a few words: what was measured and credited, whether it linked, or why not."""
     if not isinstance(outcome, dict) or not outcome:
@@ -140,6 +156,7 @@ class Storyteller:
             self.linking()
             self.capped_day()
             self.reported_twice()
+            self.pooled_wallet()
             self.unknown_action()
         except StoryAborted as exc:
             self.failures.append(f"story {self.key or 'setup'!r}: {exc}")
@@ -213,6 +230,29 @@ class Storyteller:
         second = self._measured(action, "1", credited="0", status="duplicate", reason="duplicate_act")
         for code, expect in ((EAST, first), (WEST, second)):
             self._act(code, "person", action, "1", "payment", expect, fingerprint=fingerprint)
+
+    def pooled_wallet(self) -> None:
+        self._begin(
+            "wallet",
+            f"One pooled wallet: the person links {METRO} too; small balances from three institutions",
+            "pool into one wallet, by issuer, with their expiry.",
+        )
+        issued = self._person("POST", "/api/v1/me/link-codes", 201, show=lambda d: f"code {d.get('code')}")
+        self._event(
+            METRO,
+            ACCOUNT_LINKED,
+            "person",
+            {"link_code": issued.get("code")},
+            sent=f"{ACCOUNT_LINKED} with that code",
+            expect=Expect("processed", {"linked": True, "reason": "linked"}),
+        )
+        bus = self._measured("transit.bus", "1")
+        self._act(METRO, "person", "transit.bus", "1", "trip", bus, note="the person's now")
+        activities = self._person(
+            "GET", "/api/v1/me/activities", 200, show=lambda d: f"{len(d.get('results', []))} activities"
+        )
+        credited_mg = sum(int(a.get("credited_mg", 0)) for a in activities.get("results", []))
+        self._person("GET", "/api/v1/me/wallet", 200, show=_wallet_line, check=lambda d: _pooled(d, credited_mg))
 
     def unknown_action(self) -> None:
         self._begin(

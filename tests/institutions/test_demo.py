@@ -22,7 +22,7 @@ from methodology.models import ActionMapping, NormalizedActivity, Scenario
 from methodology.services import standard_changed
 from wallets.models import Membership, Person
 
-EAST, WEST = "demo-bank-east", "demo-pay-west"
+EAST, WEST, METRO = "demo-bank-east", "demo-pay-west", "demo-metro-card"
 
 
 def setup(tmp_path: Path) -> tuple[str, dict]:
@@ -173,7 +173,8 @@ def test_demo_traffic_pushes_signed_events_through_a_live_hub(var_dir, live_serv
     assert "data.gps unexpected_field" in printed
     assert "total" in printed and "202x" in printed
     assert "requests" in err.getvalue()  # the progress bar
-    for story in ("1. One standard", "2. A person links", "3. A capped day", "4. One act, two reports", "5. An action"):
+    stories = ("1. One standard", "2. A person links", "3. A capped day", "4. One act, two reports", "5. One pooled")
+    for story in (*stories, "6. An action"):
         assert story in printed
     assert "cap_reached" in printed and "duplicate_act" in printed and "quarantined" in printed
 
@@ -201,9 +202,10 @@ def assert_units_measured_in_the_scenarios_units() -> None:
 def assert_person_linked_at_east_and_west() -> Person:
     person = Person.objects.get(user__username__startswith="demo-person-")
     links = Membership.objects.filter(person=person, unlinked_at__isnull=True)
-    assert set(links.values_list("institution__code", flat=True)) == {EAST, WEST}
+    # East and West in story 2, Metro Card in story 5 (the pooled wallet).
+    assert set(links.values_list("institution__code", flat=True)) == {EAST, WEST, METRO}
 
-    linked_events = story_events("link").filter(type="carbon.account.linked")
+    linked_events = story_events("link").filter(type="carbon.account.linked").order_by("id")
     assert [(e.institution.code, e.status, e.outcome) for e in linked_events] == [
         (EAST, "processed", {"linked": True, "reason": "linked"}),
         (WEST, "processed", {"linked": True, "reason": "linked"}),
@@ -273,7 +275,7 @@ def test_demo_traffic_fails_when_a_story_ends_otherwise(var_dir, live_server):
     out = StringIO()
     with pytest.raises(CommandError, match=r"story 'unknown'.*event status processed, expected quarantined"):
         call_command("demo_traffic", url=live_server.url, wait=5, events=3, seed=1, stdout=out, stderr=StringIO())
-    assert "FAIL" in out.getvalue() and "5. An action" in out.getvalue()
+    assert "FAIL" in out.getvalue() and "6. An action" in out.getvalue()
 
 
 @pytest.mark.django_db(transaction=True)
