@@ -161,12 +161,15 @@ CELERY_BROKER_CONNECTION_TIMEOUT = 2
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_TASK_DEFAULT_QUEUE = "intake"
 CELERY_TASK_ROUTES = {
+    "institutions.tasks.deliveries_*": {"queue": "delivery"},
     "institutions.tasks.*": {"queue": "intake"},
     "ledger.tasks.*": {"queue": "ledger"},
     "settlement.tasks.*": {"queue": "settlement"},
 }
 CELERY_BEAT_SCHEDULE = {
     "inbox-sweep": {"task": "institutions.tasks.inbox_sweep", "schedule": 30.0},
+    # Outbound webhooks: retries are scheduled in the database (next_attempt_at), this sends what is due.
+    "deliveries-send-due": {"task": "institutions.tasks.deliveries_send_due", "schedule": 5.0},
     # Seal what was posted into signed Merkle blocks; runs overlapping each other take turns.
     "ledger-blocks-seal": {"task": "ledger.tasks.blocks_seal_recent", "schedule": 5.0},
     # "ledger-lots-expire" (daily, just after local midnight) is added below HUB_STANDARD_TIMEZONE.
@@ -231,6 +234,9 @@ HUB_INBOX_KICK_COALESCE_SECONDS = float(os.environ.get("HUB_INBOX_KICK_COALESCE_
 DATA_UPLOAD_MAX_MEMORY_SIZE = HUB_INTAKE_MAX_BYTES + 64 * 1024
 
 HUB_ALLOW_PRIVATE_ENDPOINTS = env_flag("HUB_ALLOW_PRIVATE_ENDPOINTS")
+# Outbound delivery (institutions.outbox): messages claimed per batch and concurrent requests per worker.
+HUB_DELIVERY_BATCH_SIZE = env_int("HUB_DELIVERY_BATCH_SIZE", 500)
+HUB_DELIVERY_CONCURRENCY = env_int("HUB_DELIVERY_CONCURRENCY", 32)
 
 # --- Persons and links ------------------------------------------------------------------------------
 
@@ -279,3 +285,4 @@ CELERY_BEAT_SCHEDULE["ledger-lots-expire"] = {
     "task": "ledger.tasks.lots_expire_daily",
     "schedule": crontab(hour=_midnight_utc.hour, minute=_midnight_utc.minute),
 }
+HUB_SETTLEMENT_MIN_MINOR = env_int("HUB_SETTLEMENT_MIN_MINOR", 100)  # nets under 1 yuan roll to the next cycle

@@ -27,7 +27,8 @@ from institutions import crypto, services
 from institutions.envelope import EVENT_TYPES
 from institutions.handlers import handled_types
 from institutions.inbox import inbox_replay
-from institutions.models import Credential, HubKey, InboxEvent, Institution
+from institutions.models import Credential, DeliveryAttempt, HubKey, InboxEvent, Institution, OutboxMessage
+from institutions.outbox import institution_endpoint_enable, outbox_replay, outbox_retry_now
 
 ISSUED_TEMPLATE = "admin/institutions/institution/credentials_issued.html"
 
@@ -136,10 +137,20 @@ class InstitutionAdmin(admin.ModelAdmin):
     search_fields = ["code", "name", "endpoint_url"]
     ordering = ["code"]
     form = InstitutionChangeForm
-    readonly_fields = ["code", "status", "created_at"]
-    fields = ["code", "name", "status", "is_provider", "endpoint_url", "rate_limit_per_second", "created_at"]
+    readonly_fields = ["code", "status", "endpoint_disabled_at", "endpoint_paused_until", "created_at"]
+    fields = [
+        "code",
+        "name",
+        "status",
+        "is_provider",
+        "endpoint_url",
+        "endpoint_disabled_at",
+        "endpoint_paused_until",
+        "rate_limit_per_second",
+        "created_at",
+    ]
     inlines = [CredentialInline]
-    actions = ["suspend", "reactivate", "issue_hmac_secret", "issue_api_token"]
+    actions = ["suspend", "reactivate", "issue_hmac_secret", "issue_api_token", "enable_endpoint"]
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Institution]:
         return (
@@ -263,6 +274,15 @@ class InstitutionAdmin(admin.ModelAdmin):
     @admin.action(description="Issue a new API token (the old one stays active)", permissions=["change"])
     def issue_api_token(self, request: HttpRequest, queryset: QuerySet[Institution]) -> HttpResponse | None:
         return self._issue(request, queryset, api_token=True)
+
+    @admin.action(description="Re-enable webhook endpoint (after 410 Gone or a pause)", permissions=["change"])
+    def enable_endpoint(self, request: HttpRequest, queryset: QuerySet[Institution]) -> None:
+        enabled = 0
+        for institution in queryset:
+            if institution.endpoint_disabled_at or institution.endpoint_paused_until:
+                institution_endpoint_enable(institution=institution)
+                enabled += 1
+        self.message_user(request, f"Re-enabled {enabled} endpoint(s).", messages.SUCCESS)
 
 
 # --- Credentials ------------------------------------------------------------------------------------
@@ -462,3 +482,114 @@ class InboxEventAdmin(admin.ModelAdmin):
         note = f"; skipped {skipped} that were not quarantined or dead" if skipped else ""
         level = messages.SUCCESS if replayed else messages.WARNING
         self.message_user(request, f"Replayed {replayed} event(s){note}.", level)
+
+
+# --- Outbox -----------------------------------------------------------------------------------------
+
+
+class DeliveryAttemptInline(admin.TabularInline):
+    model = DeliveryAttempt
+    fields = readonly_fields = ("attempted_at", "status_code", "error", "duration_ms")
+    extra = 0
+    can_delete = False
+    ordering = ["id"]
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+class OutboxTypeFilter(admin.SimpleListFilter):
+    """The webhook types of the contract (section 3): a fixed list, no DISTINCT over the table."""
+
+    title = "type"
+    parameter_name = "type"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        types = ["carbon.redemption.requested", "carbon.settlement.instruction"]
+        return [(t, t) for t in types]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[OutboxMessage]) -> QuerySet[OutboxMessage]:
+        return queryset.filter(type=self.value()) if self.value() else queryset
+
+
+@admin.register(OutboxMessage)
+class OutboxMessageAdmin(admin.ModelAdmin):
+    list_display = [
+        "message_id",
+        "institution",
+        "type",
+        "status",
+        "attempts",
+        "next_attempt_at",
+        "last_status_code",
+        "short_error",
+        "created_at",
+        "delivered_at",
+    ]
+    list_filter = ["status", OutboxTypeFilter, "institution"]
+    search_fields = ["=message_id"]
+    search_help_text = "Exact webhook-id (msg_...)."
+    list_select_related = ["institution"]
+    show_full_result_count = False
+    ordering = ["-id"]
+    fields = readonly_fields = (
+        "institution",
+        "message_id",
+        "type",
+        "body_display",
+        "status",
+        "attempts",
+        "next_attempt_at",
+        "last_status_code",
+        "last_error",
+        "created_at",
+        "delivered_at",
+    )
+    inlines = [DeliveryAttemptInline]
+    actions = ["retry_now", "replay"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_resend_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm("institutions.change_outboxmessage")
+
+    @admin.display(description="last error")
+    def short_error(self, message: OutboxMessage) -> str:
+        error = message.last_error
+        return error if len(error) <= 80 else error[:79] + "…"
+
+    @admin.display(description="body")
+    def body_display(self, message: OutboxMessage) -> str:
+        try:
+            text = json.dumps(json.loads(message.body), indent=2, ensure_ascii=False)
+        except ValueError:
+            text = message.body
+        return format_html("<pre>{}</pre>", text)
+
+    @admin.action(description="Retry now (pending or failed messages become due)", permissions=["resend"])
+    def retry_now(self, request: HttpRequest, queryset: QuerySet[OutboxMessage]) -> None:
+        ids = list(queryset.values_list("pk", flat=True))
+        count = outbox_retry_now(ids=ids)
+        skipped = len(ids) - count
+        note = f"; skipped {skipped} delivered or dead" if skipped else ""
+        level = messages.SUCCESS if count else messages.WARNING
+        self.message_user(request, f"{count} message(s) due now{note}.", level)
+
+    @admin.action(description="Replay dead messages (fresh retry schedule, same webhook-id)", permissions=["resend"])
+    def replay(self, request: HttpRequest, queryset: QuerySet[OutboxMessage]) -> None:
+        ids = list(queryset.values_list("pk", flat=True))
+        count = outbox_replay(ids=ids)
+        skipped = len(ids) - count
+        note = f"; skipped {skipped} that were not dead" if skipped else ""
+        level = messages.SUCCESS if count else messages.WARNING
+        self.message_user(request, f"Replayed {count} message(s){note}.", level)

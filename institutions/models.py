@@ -23,6 +23,14 @@ class Institution(models.Model):
     points_validity_months = models.PositiveSmallIntegerField(
         null=True, blank=True, help_text="Months this issuer's points stay valid; empty uses the hub default."
     )
+    # Outbound delivery (institutions.outbox): a 410 from the endpoint disables it until an operator
+    # re-enables it; 429/502/504 and Retry-After pause it until the given moment.
+    endpoint_disabled_at = models.DateTimeField(
+        null=True, blank=True, help_text="Set when the endpoint answered 410 Gone; webhooks are held meanwhile."
+    )
+    endpoint_paused_until = models.DateTimeField(
+        null=True, blank=True, help_text="The endpoint asked the hub to slow down (429, 502, 504, Retry-After)."
+    )
     created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
@@ -168,3 +176,59 @@ class InboxEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.institution_id}:{self.event_id}"
+
+
+class OutboxMessage(models.Model):
+    """A webhook the hub owes an institution, written in the transaction of the change that causes it.
+
+    ``body`` is the CloudEvent exactly as sent, built once at enqueue time; ``message_id`` is both the
+    CloudEvent id and the ``webhook-id`` of every attempt, so the receiver can drop duplicates.
+    ``pending`` rows were never tried, ``failed`` ones wait for their next try; both are claimed once
+    ``next_attempt_at`` has passed (a claimed row is leased by pushing that moment forward).
+    """
+
+    class Status(models.TextChoices):
+        PENDING = "pending", "Pending"
+        DELIVERED = "delivered", "Delivered"
+        FAILED = "failed", "Failed (will retry)"
+        DEAD = "dead", "Dead"
+
+    institution = models.ForeignKey(Institution, on_delete=models.PROTECT, related_name="outbox_messages")
+    message_id = models.CharField(max_length=64, unique=True)
+    type = models.CharField(max_length=64)
+    body = models.TextField()
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
+    attempts = models.PositiveIntegerField(default=0)
+    next_attempt_at = models.DateTimeField(default=timezone.now)
+    last_status_code = models.PositiveSmallIntegerField(null=True, blank=True)
+    last_error = models.TextField(blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    delivered_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["id"]
+        indexes = [
+            models.Index(
+                fields=["next_attempt_at"], condition=Q(status__in=["pending", "failed"]), name="outbox_due"
+            ),
+            models.Index(fields=["status", "type"], condition=Q(status="dead"), name="outbox_dead"),
+        ]
+
+    def __str__(self) -> str:
+        return self.message_id
+
+
+class DeliveryAttempt(models.Model):
+    """One try at delivering an outbox message: every attempt is kept for the admin."""
+
+    message = models.ForeignKey(OutboxMessage, on_delete=models.CASCADE, related_name="delivery_attempts")
+    attempted_at = models.DateTimeField(default=timezone.now)
+    status_code = models.PositiveSmallIntegerField(null=True, blank=True)
+    error = models.TextField(blank=True)
+    duration_ms = models.PositiveIntegerField(default=0)
+
+    class Meta:
+        ordering = ["message", "id"]
+
+    def __str__(self) -> str:
+        return f"{self.message_id} {self.status_code or self.error[:40]}"

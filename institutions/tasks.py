@@ -118,3 +118,44 @@ def inbox_sweep() -> int:
         logger.info("inbox_sweep: %d events waiting; enqueueing a drain", stuck)
         inbox_drain.delay()
     return stuck
+
+
+# --- Outbound delivery ------------------------------------------------------------------------------
+
+DELIVERY_KICK_KEY = f"{settings.HUB_REDIS_KEY_PREFIX}delivery:send-queued"
+DELIVERY_KICK_TTL_SECONDS = 2
+
+
+@shared_task(acks_late=True, ignore_result=True)
+def deliveries_send_due() -> dict[str, int]:
+    """Beat (every few seconds) and kicks: send what is due, batch after batch, for up to a minute.
+
+    Safe to overlap: claims skip rows another run holds. Retries are scheduled in the database
+    (``next_attempt_at``), never as Celery countdowns.
+    """
+    from institutions import outbox
+
+    client = redis_client()
+    if client is not None:
+        try:
+            client.delete(DELIVERY_KICK_KEY)
+        except Exception:
+            logger.debug("deliveries_send_due: Redis unreachable", exc_info=True)
+    return outbox.deliveries_drain(limit=settings.HUB_DELIVERY_BATCH_SIZE)
+
+
+def deliveries_kick() -> None:
+    """After a commit that enqueued webhooks: make sure a send runs soon (at most one queued at a time).
+
+    Losing the kick loses nothing: the beat task finds due rows within seconds.
+    """
+    if settings.CELERY_TASK_ALWAYS_EAGER:
+        deliveries_send_due()
+        return
+    client = redis_client()
+    try:
+        if client is not None and not client.set(DELIVERY_KICK_KEY, "1", nx=True, ex=DELIVERY_KICK_TTL_SECONDS):
+            return
+        deliveries_send_due.delay()
+    except Exception:
+        logger.warning("deliveries_kick: broker unreachable; the beat task will send later", exc_info=True)
