@@ -16,6 +16,7 @@ from datetime import date
 from django.conf import settings
 from django.db import connection
 
+from clearinghouse.db import array_literal, text_array_literal
 from institutions.models import Institution
 from ledger.models import Account, AccountKind, Posting
 from ledger.services import AccountKey, TransferSpec, accounts_ensure, lot_expiry, transfers_post
@@ -31,13 +32,23 @@ def owners_lock(keys: Iterable[str]) -> None:
     """
     if connection.vendor != "postgresql":
         return
-    lock_ids = sorted(
-        {int.from_bytes(hashlib.blake2b(k.encode(), digest_size=8).digest(), "big", signed=True) for k in keys}
-    )
+    ids = _lock_ids
+    if len(ids) > _LOCK_IDS_KEPT:
+        ids.clear()
+    lock_ids = sorted({ids.get(k) or ids.setdefault(k, _lock_id(k)) for k in keys})
     if lock_ids:
         with connection.cursor() as cursor:
             # unnest yields the array in order and the projection runs row by row: locks follow the sort.
-            cursor.execute("SELECT pg_advisory_xact_lock(x) FROM unnest(%s::bigint[]) AS x", [lock_ids])
+            cursor.execute("SELECT pg_advisory_xact_lock(x) FROM unnest(%s::bigint[]) AS x", [array_literal(lock_ids)])
+
+
+def _lock_id(key: str) -> int:
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big", signed=True)
+
+
+# Owner key -> advisory lock id, remembered per process (the same owners come back batch after batch).
+_lock_ids: dict[str, int] = {}
+_LOCK_IDS_KEPT = 200_000
 
 
 def subject_owner(institution_id: int, subject_ref: str) -> str:
@@ -121,8 +132,8 @@ def credits_post(credits: Sequence[Credit]) -> None:
                 )
             )
     # Debts are rare: look them up instead of creating an account per owner; the owners are locked.
-    owed = dict(Account.objects.filter(key__in={d.key for d in debts}, balance__lt=0).values_list("key", "balance"))
-    outstanding = {c.issuer_id: AccountKey.issuer_outstanding(issuer_id=c.issuer_id) for c in credits}
+    owed = _debts_owed({d.key for d in debts})
+    outstanding = {issuer: AccountKey.issuer_outstanding(issuer_id=issuer) for issuer in days}
     ids = accounts_ensure(keys=[*outstanding.values(), *lots, *(d for d in debts if d.key in owed)])
 
     transfers = []
@@ -143,6 +154,18 @@ def credits_post(credits: Sequence[Credit]) -> None:
             )
         )
     transfers_post(transfers=transfers)
+
+
+def _debts_owed(keys: set[str]) -> dict[str, int]:
+    """The negative balances among these debt accounts."""
+    if connection.vendor != "postgresql":
+        return dict(Account.objects.filter(key__in=keys, balance__lt=0).values_list("key", "balance"))
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT key, balance FROM {Account._meta.db_table} WHERE key = ANY(%s::text[]) AND balance < 0",  # noqa: S608
+            [text_array_literal(keys)],
+        )
+        return dict(cursor.fetchall())
 
 
 def holdings_consolidate(

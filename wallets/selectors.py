@@ -8,6 +8,7 @@ from typing import Any
 from django.db import connection
 from django.db.models import Q
 
+from clearinghouse.db import array_literal, text_array_literal
 from wallets.models import Membership, Person
 
 
@@ -42,7 +43,7 @@ def persons_for_subjects(pairs: Iterable[tuple[int, str]]) -> dict[tuple[int, st
                       JOIN unnest(%s::bigint[], %s::text[]) AS q(i, r)
                         ON m.institution_id = q.i AND m.subject_ref = q.r
                      WHERE m.unlinked_at IS NULL""",  # noqa: S608
-                [institution_ids, refs],
+                [array_literal(institution_ids), text_array_literal(refs)],
             )
             return {(i, r): p for i, r, p in cursor.fetchall()}
     by_institution: dict[int, list[str]] = {}
