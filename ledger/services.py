@@ -25,7 +25,7 @@ from django.db import connection, transaction
 from django.db.models import F, Max
 from django.utils import timezone
 
-from clearinghouse.db import copy_rows
+from clearinghouse.db import copy_rows, text_array_literal
 from ledger import merkle
 from ledger.exceptions import (
     BalanceOutOfRange,
@@ -69,6 +69,7 @@ def _postgres() -> bool:
 # --- Accounts -----------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=4096)  # called for every lot key built; a handful of distinct days
 def lot_expiry(day: date) -> date:
     """The bucket of points that lapse after ``day``: the last day of its month."""
     return day.replace(day=calendar.monthrange(day.year, day.month)[1])
@@ -274,7 +275,10 @@ def accounts_ensure(*, keys: Iterable[AccountKey]) -> dict[AccountKey, int]:
 def _account_ids(keys: list[str]) -> dict[str, int]:
     if _postgres():
         with connection.cursor() as cursor:
-            cursor.execute(f"SELECT key, id FROM {Account._meta.db_table} WHERE key = ANY(%s)", [keys])  # noqa: S608
+            cursor.execute(
+                f"SELECT key, id FROM {Account._meta.db_table} WHERE key = ANY(%s::text[])",  # noqa: S608
+                [text_array_literal(keys)],
+            )
             return dict(cursor.fetchall())
     return dict(Account.objects.filter(key__in=keys).values_list("key", "id"))
 

@@ -16,6 +16,7 @@ from datetime import date
 from django.conf import settings
 from django.db import connection
 
+from clearinghouse.db import array_literal, text_array_literal
 from institutions.models import Institution
 from ledger.models import Account, AccountKind, Posting
 from ledger.services import AccountKey, TransferSpec, accounts_ensure, lot_expiry, transfers_post
@@ -31,13 +32,23 @@ def owners_lock(keys: Iterable[str]) -> None:
     """
     if connection.vendor != "postgresql":
         return
-    lock_ids = sorted(
-        {int.from_bytes(hashlib.blake2b(k.encode(), digest_size=8).digest(), "big", signed=True) for k in keys}
-    )
+    ids = _lock_ids
+    if len(ids) > _LOCK_IDS_KEPT:
+        ids.clear()
+    lock_ids = sorted({ids.get(k) or ids.setdefault(k, _lock_id(k)) for k in keys})
     if lock_ids:
         with connection.cursor() as cursor:
             # unnest yields the array in order and the projection runs row by row: locks follow the sort.
-            cursor.execute("SELECT pg_advisory_xact_lock(x) FROM unnest(%s::bigint[]) AS x", [lock_ids])
+            cursor.execute("SELECT pg_advisory_xact_lock(x) FROM unnest(%s::bigint[]) AS x", [array_literal(lock_ids)])
+
+
+def _lock_id(key: str) -> int:
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big", signed=True)
+
+
+# Owner key -> advisory lock id, remembered per process (the same owners come back batch after batch).
+_lock_ids: dict[str, int] = {}
+_LOCK_IDS_KEPT = 200_000
 
 
 def subject_owner(institution_id: int, subject_ref: str) -> str:
@@ -124,7 +135,7 @@ def credits_post(credits: Sequence[Credit]) -> None:
                 )
             )
     # Debts are rare: look them up instead of creating an account per owner; the owners are locked.
-    owed = _debts_owed(list({d.key for d in debts}))
+    owed = _debts_owed({d.key for d in debts})
     ids = accounts_ensure(keys=[*outstanding.values(), *lots, *(d for d in debts if d.key in owed)])
 
     transfers = []
@@ -147,20 +158,16 @@ def credits_post(credits: Sequence[Credit]) -> None:
     transfers_post(transfers=transfers)
 
 
-def _debts_owed(keys: list[str]) -> dict[str, int]:
-    """``{account key: balance}`` of the debt accounts among ``keys`` that are owed (balance < 0).
-
-    On PostgreSQL the keys travel as one array (``key = ANY``): an ``IN`` list of a thousand bound
-    strings cost more to build, send and plan than the rest of a batch's lookups together.
-    """
-    if connection.vendor == "postgresql":
-        with connection.cursor() as cursor:
-            cursor.execute(
-                f"SELECT key, balance FROM {Account._meta.db_table} WHERE key = ANY(%s) AND balance < 0",  # noqa: S608
-                [keys],
-            )
-            return dict(cursor.fetchall())
-    return dict(Account.objects.filter(key__in=keys, balance__lt=0).values_list("key", "balance"))
+def _debts_owed(keys: set[str]) -> dict[str, int]:
+    """The negative balances among these debt accounts."""
+    if connection.vendor != "postgresql":
+        return dict(Account.objects.filter(key__in=keys, balance__lt=0).values_list("key", "balance"))
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT key, balance FROM {Account._meta.db_table} WHERE key = ANY(%s::text[]) AND balance < 0",  # noqa: S608
+            [text_array_literal(keys)],
+        )
+        return dict(cursor.fetchall())
 
 
 def holdings_consolidate(
