@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run test lint types bench-intake bench-ledger clean
+.PHONY: run test lint types bench-intake bench-ledger bench-books bench-wallet bench-pipeline clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,17 @@ bench-intake: $(VENV)/.installed-dev
 
 bench-ledger: $(VENV)/.installed-dev
 	$(PY) bench/ledger_post.py
+
+## Crediting into the books against django-hordak (installed here for the benchmark only, not a dependency).
+bench-books: $(VENV)/.installed-dev
+	$(PY) -m pip install --quiet 'django-hordak==2.0.0'
+	$(PY) bench/books.py
+
+bench-wallet: $(VENV)/.installed-dev
+	$(PY) bench/wallet.py
+
+bench-pipeline: $(VENV)/.installed-dev
+	$(PY) bench/pipeline.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

@@ -3,10 +3,12 @@ and handler on PostgreSQL, one worker process.
 
     .venv/bin/python bench/normalize.py [--events 50000] [--batch 1000] [--repeats 3]
 
-Creates a scratch database ``bench_normalize`` (dropped and recreated each repeat), stores signed-off
-events through the real intake service (not timed), then times claim + handler + status writes until
-the inbox is empty. Reports the median of the repeats and, as the in-session baseline, the time to
-claim and mark the same rows processed with a no-op handler (the dispatcher's own cost).
+Creates a scratch database ``bench_normalize`` (``$BENCH_NORMALIZE_DB`` to name another; dropped and
+recreated each repeat), stores signed-off events through the real intake service (not timed), then
+times the handler alone, first with the ledger crediting replaced by a no-op (normalization itself),
+then as registered (normalize + credit), and claim + handler + status writes until the inbox is
+empty. Reports the median of the repeats and, as the in-session baseline, the time to claim and mark
+the same rows processed with a no-op handler (the dispatcher's own cost).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 ADMIN_URL = os.environ.get("BENCH_ADMIN_URL", "postgres://postgres@127.0.0.1:5432/postgres")
-DB_NAME = "bench_normalize"
+DB_NAME = os.environ.get("BENCH_NORMALIZE_DB", "bench_normalize")
 
 
 def main() -> None:
@@ -59,8 +61,9 @@ def main() -> None:
     from institutions.models import InboxEvent
     from institutions.selectors import institution_verifier
     from institutions.services import institution_register
-    from methodology import standard
-    from methodology.models import NormalizedActivity
+    from ledger.models import Transfer
+    from methodology import services, standard
+    from methodology.models import ActFingerprint, CapUsage, NormalizedActivity
 
     actions = [
         ("transit.metro", "km", lambda r: f"{r.randint(1, 400) / 10}"),
@@ -111,30 +114,49 @@ def main() -> None:
             inbox.inbox_process(ids)
         return time.perf_counter() - started
 
-    def handler_alone() -> float:
+    def handler_alone(*, credit: bool = True) -> float:
         """Time only the registered handler with its own writes, one transaction per batch, on
-        inbox rows loaded beforehand: normalization without the dispatcher's claim and status writes."""
+        inbox rows loaded beforehand: normalization without the dispatcher's claim and status writes.
+        With ``credit=False`` the ledger crediting (``credits_post``) is replaced by a no-op: the cost
+        of normalization itself."""
         handler = handler_for("carbon.activity.recorded")
         assert handler is not None
+        original_credits_post = services.credits_post
+        if not credit:
+            services.credits_post = lambda credits: None
         ids = list(InboxEvent.objects.order_by("id").values_list("id", flat=True))
         batches = [
             list(InboxEvent.objects.filter(pk__in=ids[i : i + args.batch]).order_by("id"))
             for i in range(0, len(ids), args.batch)
         ]
         elapsed = 0.0
-        for batch in batches:
-            started = time.perf_counter()
-            with transaction.atomic():
-                outcomes = handler(batch)
-            elapsed += time.perf_counter() - started
-            assert all(o.status == "processed" for o in outcomes)
+        try:
+            for batch in batches:
+                started = time.perf_counter()
+                with transaction.atomic():
+                    outcomes = handler(batch)
+                elapsed += time.perf_counter() - started
+                assert all(o.status == "processed" for o in outcomes)
+        finally:
+            services.credits_post = original_credits_post
         return elapsed
 
-    alone, full, baseline = [], [], []
+    def forget_normalization() -> None:
+        """Empty what the handler wrote (not timed), so the same stored events can be measured again."""
+        tables = ", ".join(m._meta.db_table for m in (NormalizedActivity, ActFingerprint, CapUsage))
+        with connection.cursor() as cursor:
+            cursor.execute(f"TRUNCATE {tables}")
+        assert not Transfer.objects.exists(), "normalization without crediting posted transfers"
+
+    bare, alone, full, baseline = [], [], [], []
     for repeat in range(args.repeats):
         load()
+        bare.append(args.events / handler_alone(credit=False))
+        assert NormalizedActivity.objects.count() == args.events
+        forget_normalization()
         alone.append(args.events / handler_alone())
         assert NormalizedActivity.objects.count() == args.events
+        assert Transfer.objects.exists()
 
         load()
         full.append(args.events / drain())
@@ -153,17 +175,20 @@ def main() -> None:
             assert handler is not None
             register("carbon.activity.recorded")(handler)
         print(
-            f"repeat {repeat + 1}: handler alone {alone[-1]:,.0f}/s, through the dispatcher {full[-1]:,.0f}/s, "
+            f"repeat {repeat + 1}: normalize {bare[-1]:,.0f}/s, normalize + credit {alone[-1]:,.0f}/s, "
+            f"through the dispatcher {full[-1]:,.0f}/s, "
             f"dispatcher with a no-op handler {baseline[-1]:,.0f}/s",
             file=sys.stderr,
         )
 
     connection.close()
-    a, f, b = statistics.median(alone), statistics.median(full), statistics.median(baseline)
+    n, a = statistics.median(bare), statistics.median(alone)
+    f, b = statistics.median(full), statistics.median(baseline)
     print(f"events: {args.events:,}, batches of {args.batch}, medians of {args.repeats} runs")
     print("| measurement | activities/s |")
     print("|---|---|")
-    print(f"| normalization handler alone (measure, caps, fingerprints, COPY of activities) | {a:,.0f} |")
+    print(f"| normalize: handler alone, crediting replaced by a no-op (measure, caps, fingerprints, COPY) | {n:,.0f} |")
+    print(f"| normalize + credit: handler alone with its ledger transfers | {a:,.0f} |")
     print(f"| through the dispatcher (claim, handler, status writes) | {f:,.0f} |")
     print(f"| baseline: dispatcher with a no-op handler | {b:,.0f} |")
     print(f"| ratio: dispatcher path / no-op baseline | {f / b:.2f} |")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from datetime import date
+from decimal import Decimal
 from typing import Any
 
 from django.db import connection, models
@@ -23,4 +25,25 @@ def copy_rows(model: type[models.Model], columns: Sequence[str], rows: Sequence[
     fields = {f.column: f.attname for f in model._meta.concrete_fields}
     model._default_manager.bulk_create(  # type: ignore[attr-defined]
         [model(**{fields[c]: v for c, v in zip(columns, row, strict=True)}) for row in rows]
+    )
+
+
+def array_literal(values: Iterable[int | date | Decimal]) -> str:
+    """A PostgreSQL array literal of integers, dates or decimals, to bind as one ``%s::bigint[]``
+    (``::date[]``, ``::numeric[]``) parameter.
+
+    Django's psycopg cursor binds parameters client-side, and quoting a Python list costs about a
+    microsecond per element: more than the statement itself at a thousand keys. ``str()`` of these
+    types never contains a character the array syntax treats specially, so no quoting is needed."""
+    return "{" + ",".join(map(str, values)) + "}"
+
+
+def text_array_literal(values: Iterable[str | None]) -> str:
+    """A PostgreSQL array literal of strings (bind as ``%s::text[]``, or cast to another type): every
+    element double-quoted, with backslashes and double quotes escaped, so ``NULL``, commas, braces and
+    spaces stay text; ``None`` becomes an SQL NULL element."""
+    return (
+        "{"
+        + ",".join(["NULL" if v is None else '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"' for v in values])
+        + "}"
     )

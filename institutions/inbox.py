@@ -29,6 +29,7 @@ from django.db import connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
+from clearinghouse.db import array_literal, text_array_literal
 from institutions.handlers import Outcome, handled_types, handler_for
 from institutions.models import InboxEvent
 
@@ -129,10 +130,10 @@ def _outcomes_save(events: Sequence[InboxEvent], outcomes: Sequence[Outcome]) ->
             """,  # noqa: S608  (the table name is ours; values are bound)
             [
                 now,
-                [e.pk for e in events],
-                statuses,
-                [None if o.detail is None else json.dumps(o.detail) for o in outcomes],
-                [o.reason for o in outcomes],
+                array_literal([e.pk for e in events]),
+                text_array_literal(statuses),
+                text_array_literal([None if o.detail is None else json.dumps(o.detail) for o in outcomes]),
+                text_array_literal([o.reason for o in outcomes]),
             ],
         )
 

@@ -16,6 +16,7 @@ from datetime import date
 from django.conf import settings
 from django.db import connection
 
+from clearinghouse.db import array_literal, text_array_literal
 from institutions.models import Institution
 from ledger.models import Account, AccountKind, Posting
 from ledger.services import AccountKey, TransferSpec, accounts_ensure, lot_expiry, transfers_post
@@ -31,13 +32,23 @@ def owners_lock(keys: Iterable[str]) -> None:
     """
     if connection.vendor != "postgresql":
         return
-    lock_ids = sorted(
-        {int.from_bytes(hashlib.blake2b(k.encode(), digest_size=8).digest(), "big", signed=True) for k in keys}
-    )
+    ids = _lock_ids
+    if len(ids) > _LOCK_IDS_KEPT:
+        ids.clear()
+    lock_ids = sorted({ids.get(k) or ids.setdefault(k, _lock_id(k)) for k in keys})
     if lock_ids:
         with connection.cursor() as cursor:
             # unnest yields the array in order and the projection runs row by row: locks follow the sort.
-            cursor.execute("SELECT pg_advisory_xact_lock(x) FROM unnest(%s::bigint[]) AS x", [lock_ids])
+            cursor.execute("SELECT pg_advisory_xact_lock(x) FROM unnest(%s::bigint[]) AS x", [array_literal(lock_ids)])
+
+
+def _lock_id(key: str) -> int:
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big", signed=True)
+
+
+# Owner key -> advisory lock id, remembered per process (the same owners come back batch after batch).
+_lock_ids: dict[str, int] = {}
+_LOCK_IDS_KEPT = 200_000
 
 
 def subject_owner(institution_id: int, subject_ref: str) -> str:
@@ -56,11 +67,13 @@ def add_months(day: date, months: int) -> date:
 
 def lot_expiries(days_by_issuer: dict[int, set[date]]) -> dict[tuple[int, date], date]:
     """The expiry bucket of points each issuer credits for an act on each local day."""
-    overrides = dict(
-        Institution.objects.filter(pk__in=list(days_by_issuer), points_validity_months__isnull=False).values_list(
+    overrides: dict[int, int] = {
+        pk: months
+        for pk, months in Institution.objects.filter(pk__in=list(days_by_issuer)).values_list(
             "pk", "points_validity_months"
         )
-    )
+        if months is not None
+    }
     default = settings.HUB_POINTS_VALIDITY_MONTHS
     return {
         (issuer, day): lot_expiry(add_months(day, overrides.get(issuer, default)))
@@ -96,6 +109,7 @@ def credits_post(credits: Sequence[Credit]) -> None:
     for credit in credits:
         days.setdefault(credit.issuer_id, set()).add(credit.local_day)
     expiries = lot_expiries(days)
+    outstanding = {issuer_id: AccountKey.issuer_outstanding(issuer_id=issuer_id) for issuer_id in days}
 
     lots: list[AccountKey] = []
     debts: list[AccountKey] = []
@@ -121,14 +135,13 @@ def credits_post(credits: Sequence[Credit]) -> None:
                 )
             )
     # Debts are rare: look them up instead of creating an account per owner; the owners are locked.
-    owed = dict(Account.objects.filter(key__in={d.key for d in debts}, balance__lt=0).values_list("key", "balance"))
-    outstanding = {c.issuer_id: AccountKey.issuer_outstanding(issuer_id=c.issuer_id) for c in credits}
+    owed = _debts_owed({d.key for d in debts})
     ids = accounts_ensure(keys=[*outstanding.values(), *lots, *(d for d in debts if d.key in owed)])
 
     transfers = []
     for credit, lot, debt in zip(credits, lots, debts, strict=True):
         legs = [(ids[outstanding[credit.issuer_id]], -credit.milligrams)]
-        repay = min(credit.milligrams, -owed.get(debt.key, 0))
+        repay = min(credit.milligrams, -owed[debt.key]) if debt.key in owed else 0
         if repay:
             owed[debt.key] += repay
             legs.append((ids[debt], repay))
@@ -143,6 +156,18 @@ def credits_post(credits: Sequence[Credit]) -> None:
             )
         )
     transfers_post(transfers=transfers)
+
+
+def _debts_owed(keys: set[str]) -> dict[str, int]:
+    """The negative balances among these debt accounts."""
+    if connection.vendor != "postgresql":
+        return dict(Account.objects.filter(key__in=keys, balance__lt=0).values_list("key", "balance"))
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT key, balance FROM {Account._meta.db_table} WHERE key = ANY(%s::text[]) AND balance < 0",  # noqa: S608
+            [text_array_literal(keys)],
+        )
+        return dict(cursor.fetchall())
 
 
 def holdings_consolidate(
@@ -170,6 +195,7 @@ def holdings_consolidate(
     wanted: list[AccountKey] = []
     plan: list[tuple[str, AccountKey, int, int]] = []  # holding key, wallet lot, pooled, reversed
     for issuer_id, expires_on, balance, key in holding:
+        assert expires_on is not None  # every lot has an expiry
         reversed_mg = min(balance, duplicates.get((issuer_id, expires_on), 0))
         lot = AccountKey.wallet_lot(person_id=person_id, issuer_id=issuer_id, expires_on=expires_on)
         wanted.append(lot)
@@ -232,7 +258,9 @@ def credit_reverse(*, original_inbox_id: int, issuer_id: int, person_id: int | N
     credited = -sum(amount for kind, _, amount in credit_legs if kind == AccountKind.ISSUER_OUTSTANDING)
     if credited <= 0:
         return Reversal(0, 0, 0)
-    lots = [e for kind, e, _ in credit_legs if kind in (AccountKind.WALLET_LOT, AccountKind.HOLDING_LOT)]
+    lots = [
+        e for kind, e, _ in credit_legs if kind in (AccountKind.WALLET_LOT, AccountKind.HOLDING_LOT) and e is not None
+    ]
     if person_id is not None:
         debt = AccountKey.person_debt(person_id=person_id, issuer_id=issuer_id)
         lot = AccountKey.wallet_lot(person_id=person_id, issuer_id=issuer_id, expires_on=lots[0]) if lots else None

@@ -12,7 +12,7 @@ from typing import Any
 from django.db import connection, transaction
 from django.utils import timezone
 
-from clearinghouse.db import copy_rows
+from clearinghouse.db import array_literal, copy_rows, text_array_literal
 from institutions.envelope import ACTIVITY_RECORDED
 from institutions.handlers import Outcome
 from institutions.models import InboxEvent
@@ -27,7 +27,7 @@ from methodology.books import (
     subject_owner,
 )
 from methodology.models import ActFingerprint, CapUsage, NormalizedActivity, StandardRevision
-from methodology.standard import Resolved, Unresolved, current_standard, period_start
+from methodology.standard import Resolved, ScenarioInfo, Unresolved, current_standard, period_start
 from wallets.selectors import persons_for_subjects
 
 # Wide enough that quantity x factor x 1000 is exact for every value the intake accepts
@@ -69,7 +69,7 @@ def activities_normalize(*, events: Sequence[InboxEvent]) -> list[Outcome]:
     standard = current_standard()
     outcomes: list[Outcome | None] = [None] * len(events)
 
-    measured = _already_measured([e.pk for e in events])
+    measured = _already_measured([e.id for e in events])
     # Subjects first, then the persons they are linked to *after* their locks are held: a link
     # committing meanwhile is then seen, so no credit lands in a holding lot already pooled.
     subjects = {(e.institution_id, e.subject_ref) for e in events}
@@ -77,33 +77,31 @@ def activities_normalize(*, events: Sequence[InboxEvent]) -> list[Outcome]:
     persons = persons_for_subjects(subjects)
     owners_lock(person_owner(p) for p in set(persons.values()))
     plans: list[_Plan] = []
+    resolve, append = standard.resolve, plans.append
     for index, event in enumerate(events):
-        if event.pk in measured:  # handed again after a crash or a replay: report, don't measure twice
-            outcomes[index] = Outcome.processed(activity_outcome(measured[event.pk]))
+        if measured and event.id in measured:  # handed again after a crash or a replay: report, don't measure twice
+            outcomes[index] = Outcome.processed(activity_outcome(measured[event.id]))
             continue
         data = event.data
         assert event.time is not None  # required by the envelope for this type
-        resolved = standard.resolve(
-            event.institution_id, data["action"], Decimal(data["quantity"]), data["unit"], event.time
-        )
+        institution_id, subject_ref = event.institution_id, event.subject_ref
+        resolved = resolve(institution_id, data["action"], Decimal(data["quantity"]), data["unit"], event.time)
         if isinstance(resolved, Unresolved):
             outcomes[index] = Outcome.quarantined(
                 resolved.reason, {"reason": resolved.reason, "detail": resolved.detail}
             )
             continue
-        person_id = persons.get((event.institution_id, event.subject_ref))
-        plans.append(
+        person_id = persons.get((institution_id, subject_ref))
+        append(
             _Plan(
-                index=index,
-                event=event,
-                resolved=resolved,
-                owner=owner_key(
-                    person_id=person_id, institution_id=event.institution_id, subject_ref=event.subject_ref
-                ),
-                person_id=person_id,
-                fingerprint=data.get("fingerprint", ""),
-                evidence=data.get("evidence", "automatic"),
-                issuer_points=data.get("issuer_points"),
+                index,
+                event,
+                resolved,
+                subject_owner(institution_id, subject_ref) if person_id is None else person_owner(person_id),
+                person_id,
+                data.get("fingerprint", ""),
+                data.get("evidence", "automatic"),
+                data.get("issuer_points"),
             )
         )
     if plans:
@@ -151,20 +149,26 @@ def _measure(plans: list[_Plan], weights: dict[str, Decimal]) -> list[Outcome]:
     """Apply fingerprints and caps in event order under the owners' locks, then write everything in
     bulk: activities and fingerprints by COPY, cap usage by one upsert."""
     fingerprinted = {(p.owner, p.fingerprint) for p in plans if p.fingerprint}
-    seen_fingerprints: set[tuple[str, str]] = set()
-    if fingerprinted:
-        seen_fingerprints = set(
-            ActFingerprint.objects.filter(
-                owner_key__in={owner for owner, _ in fingerprinted}, fingerprint__in={fp for _, fp in fingerprinted}
-            ).values_list("owner_key", "fingerprint")
-        )
-    usage = _usage_load(
-        {
-            (p.owner, p.resolved.scenario.id, period, period_start(period, p.resolved.local_day))
-            for p in plans
-            for period, _ in p.resolved.scenario.caps
-        }
-    )
+    seen_fingerprints = _fingerprints_seen(fingerprinted) if fingerprinted else set()
+    # The caps of each plan as (usage key, maximum); the period starts depend only on the scenario
+    # and the local day, which most of a batch shares.
+    periods: dict[tuple[ScenarioInfo, date], tuple[tuple[int, str, date, Decimal], ...]] = {}
+    plan_caps: list[list[tuple[UsageKey, Decimal]] | None] = []
+    for plan in plans:
+        resolved = plan.resolved
+        scenario = resolved.scenario
+        if not scenario.caps:
+            plan_caps.append(None)
+            continue
+        starts = periods.get((scenario, resolved.local_day))
+        if starts is None:
+            starts = periods[(scenario, resolved.local_day)] = tuple(
+                (scenario.id, period, period_start(period, resolved.local_day), maximum)
+                for period, maximum in scenario.caps
+            )
+        owner = plan.owner
+        plan_caps.append([((owner, s, period, start), maximum) for s, period, start, maximum in starts])
+    usage = _usage_load({key for caps in plan_caps if caps for key, _ in caps})
     touched: set[UsageKey] = set()
 
     now = timezone.now()
@@ -172,47 +176,42 @@ def _measure(plans: list[_Plan], weights: dict[str, Decimal]) -> list[Outcome]:
     credits: list[Credit] = []
     fingerprint_rows: list[tuple[Any, ...]] = []
     outcomes: list[Outcome] = []
+    credited, capped, duplicate = Status.CREDITED, Status.CAPPED, Status.DUPLICATE
     with localcontext(EXACT):
-        for plan in plans:
-            resolved = plan.resolved
+        for plan, caps in zip(plans, plan_caps, strict=True):
+            resolved, event, fingerprint = plan.resolved, plan.event, plan.fingerprint
             scenario, factor, quantity = resolved.scenario, resolved.factor, resolved.quantity
             grams = quantity * factor.grams_per_unit
             credited_quantity = quantity
-            status, reason = Status.CREDITED, ""
-            print_key = (plan.owner, plan.fingerprint)
-            if plan.fingerprint and print_key in seen_fingerprints:
-                credited_quantity, status, reason = ZERO, Status.DUPLICATE, Reason.DUPLICATE_ACT
+            status, reason = credited, ""
+            if fingerprint and (plan.owner, fingerprint) in seen_fingerprints:
+                credited_quantity, status, reason = ZERO, duplicate, Reason.DUPLICATE_ACT
             else:
-                if scenario.caps:
-                    keys = [
-                        (plan.owner, scenario.id, period, period_start(period, resolved.local_day))
-                        for period, _ in scenario.caps
-                    ]
-                    for key, (_, maximum) in zip(keys, scenario.caps, strict=True):
+                if caps is not None:
+                    for key, maximum in caps:
                         room = max(maximum - usage.get(key, ZERO), ZERO)
                         if room < credited_quantity:
                             credited_quantity, reason = room, Reason.CAP_REACHED
-                    for key in keys:
+                    for key, _ in caps:
                         usage[key] = usage.get(key, ZERO) + credited_quantity
                         touched.add(key)
                     if credited_quantity == ZERO:
-                        status = Status.CAPPED
-                if plan.fingerprint and status == Status.CREDITED:
-                    seen_fingerprints.add(print_key)
-                    fingerprint_rows.append((plan.owner, plan.fingerprint, plan.event.pk, now))
+                        status = capped
+                if fingerprint and status == credited:
+                    seen_fingerprints.add((plan.owner, fingerprint))
+                    fingerprint_rows.append((plan.owner, fingerprint, event.id, now))
             weight = weights.get(plan.evidence, ONE)
-            credited_mg = int(
-                (credited_quantity * factor.grams_per_unit * THOUSAND * weight).quantize(ONE, ROUND_HALF_EVEN)
-            )
-            event = plan.event
+            # quantity x factor is ``grams`` already when nothing was capped (the usual case).
+            full = grams if credited_quantity is quantity else credited_quantity * factor.grams_per_unit
+            credited_mg = int((full * THOUSAND * weight).quantize(ONE, ROUND_HALF_EVEN))
             credits.append(
                 Credit(
-                    event.pk, event.institution_id, plan.person_id, event.subject_ref, resolved.local_day, credited_mg
+                    event.id, event.institution_id, plan.person_id, event.subject_ref, resolved.local_day, credited_mg
                 )
             )
             activity_rows.append(
                 (
-                    event.pk,
+                    event.id,
                     event.institution_id,
                     plan.person_id,
                     event.subject_ref,
@@ -225,7 +224,7 @@ def _measure(plans: list[_Plan], weights: dict[str, Decimal]) -> list[Outcome]:
                     credited_mg,
                     plan.issuer_points,
                     plan.evidence,
-                    plan.fingerprint,
+                    fingerprint,
                     event.time,
                     status,
                     reason,
@@ -246,6 +245,25 @@ def _measure(plans: list[_Plan], weights: dict[str, Decimal]) -> list[Outcome]:
     return outcomes
 
 
+def _fingerprints_seen(pairs: set[tuple[str, str]]) -> set[tuple[str, str]]:
+    """Which of these (owner, fingerprint) pairs are already recorded."""
+    if connection.vendor != "postgresql":
+        return set(
+            ActFingerprint.objects.filter(
+                owner_key__in={owner for owner, _ in pairs}, fingerprint__in={fp for _, fp in pairs}
+            ).values_list("owner_key", "fingerprint")
+        )
+    owners, prints = zip(*pairs, strict=True)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"""SELECT f.owner_key, f.fingerprint
+                  FROM {ActFingerprint._meta.db_table} f
+                  JOIN unnest(%s::text[], %s::text[]) AS k(o, p) ON f.owner_key = k.o AND f.fingerprint = k.p""",  # noqa: S608
+            [text_array_literal(owners), text_array_literal(prints)],
+        )
+        return set(cursor.fetchall())
+
+
 UsageKey = tuple[str, int, str, date]
 
 
@@ -264,7 +282,7 @@ def _usage_load(keys: set[UsageKey]) -> dict[UsageKey, Decimal]:
                   FROM {CapUsage._meta.db_table} u
                   JOIN unnest(%s::text[], %s::bigint[], %s::text[], %s::date[]) AS k(o, s, p, d)
                     ON u.owner_key = k.o AND u.scenario_id = k.s AND u.period = k.p AND u.period_start = k.d""",  # noqa: S608
-            [owners, scenarios, periods, starts],
+            [text_array_literal(owners), array_literal(scenarios), text_array_literal(periods), array_literal(starts)],
         )
         return {(o, s, p, d): used for o, s, p, d, used in cursor.fetchall()}
 
@@ -290,7 +308,13 @@ def _usage_save(values: dict[UsageKey, Decimal]) -> None:
                 SELECT * FROM unnest(%s::text[], %s::bigint[], %s::text[], %s::date[], %s::numeric[])
                 ON CONFLICT (owner_key, scenario_id, period, period_start)
                 DO UPDATE SET used_quantity = EXCLUDED.used_quantity""",  # noqa: S608
-            [owners, scenarios, periods, starts, [values[k] for k in keys]],
+            [
+                text_array_literal(owners),
+                array_literal(scenarios),
+                text_array_literal(periods),
+                array_literal(starts),
+                array_literal([values[k] for k in keys]),
+            ],
         )
 
 

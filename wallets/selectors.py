@@ -15,6 +15,7 @@ from django.db import connection
 from django.db.models import Q, QuerySet
 from django.utils import timezone
 
+from clearinghouse.db import array_literal, text_array_literal
 from institutions.models import Institution
 from ledger.models import Account, AccountKind, Posting
 from methodology.models import NormalizedActivity
@@ -52,7 +53,7 @@ def persons_for_subjects(pairs: Iterable[tuple[int, str]]) -> dict[tuple[int, st
                       JOIN unnest(%s::bigint[], %s::text[]) AS q(i, r)
                         ON m.institution_id = q.i AND m.subject_ref = q.r
                      WHERE m.unlinked_at IS NULL""",  # noqa: S608
-                [institution_ids, refs],
+                [array_literal(institution_ids), text_array_literal(refs)],
             )
             return {(i, r): p for i, r, p in cursor.fetchall()}
     by_institution: dict[int, list[str]] = {}
