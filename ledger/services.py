@@ -551,6 +551,22 @@ def _balances_apply(deltas: dict[int, int]) -> None:
 # --- Expiry -------------------------------------------------------------------------------------------
 
 
+def sweep_keys(keys: dict[int, str]) -> dict[int, str]:
+    """Idempotency keys for sweeping lots (``{account id: key}``) that stay unique when a lot is swept
+    again: a key already used gets ``:after-<last posting id of the lot>``, so a lot that received
+    points after an earlier sweep is swept once more, and a repeat of the same sweep stays a no-op."""
+    used = set(Transfer.objects.filter(idempotency_key__in=keys.values()).values_list("idempotency_key", flat=True))
+    if not used:
+        return keys
+    last = dict(
+        Posting.objects.filter(account_id__in=[lot for lot, key in keys.items() if key in used])
+        .values("account_id")
+        .annotate(last=Max("id"))
+        .values_list("account_id", "last")
+    )
+    return {**keys, **{lot: f"{keys[lot]}:after-{last[lot]}" for lot in last}}
+
+
 def lots_expire(*, today: date, batch_size: int = 1000, progress: Callable[[int, int], None] | None = None) -> int:
     """Move every lot that lapsed before ``today`` (``expires_on < today``) with points left to
     ``expired(issuer)``: one ``expire`` transfer per lot. Returns how many transfers were made.
@@ -578,18 +594,7 @@ def lots_expire(*, today: date, batch_size: int = 1000, progress: Callable[[int,
             expired = accounts_ensure(keys={AccountKey.expired(issuer_id=issuer) for _, issuer, _ in lots})
             by_issuer = {key.issuer_id: account_id for key, account_id in expired.items()}
             locked = _accounts_lock(sorted({lot for lot, _, _ in lots} | set(by_issuer.values())))
-            keys = {lot: f"expire:{lot}:{expires_on.isoformat()}" for lot, _, expires_on in lots}
-            swept_before = set(
-                Transfer.objects.filter(idempotency_key__in=keys.values()).values_list("idempotency_key", flat=True)
-            )
-            if swept_before:
-                last = dict(
-                    Posting.objects.filter(account_id__in=[lot for lot, key in keys.items() if key in swept_before])
-                    .values("account_id")
-                    .annotate(last=Max("id"))
-                    .values_list("account_id", "last")
-                )
-                keys.update({lot: f"{keys[lot]}:after-{last[lot]}" for lot in last})
+            keys = sweep_keys({lot: f"expire:{lot}:{expires_on.isoformat()}" for lot, _, expires_on in lots})
             specs = [
                 TransferSpec(
                     idempotency_key=keys[lot],

@@ -36,6 +36,9 @@ from rest_framework.authtoken.models import Token
 
 from institutions import crypto
 from institutions.models import Institution
+from ledger.models import Account, AccountKind
+from ledger.services import AccountKey, TransferSpec, accounts_ensure, sweep_keys, transfers_post
+from methodology.books import owners_lock, person_owner, subject_owner
 from methodology.services import subject_pool
 from wallets.exceptions import InvalidCredentials, InvalidPassword, LinkNotFound, TooManyLinkCodes, UsernameTaken
 from wallets.models import LinkAttempt, LinkCode, Membership, Person
@@ -383,13 +386,6 @@ def person_erase(*, person: Person) -> PersonErased:
     no link); then the lots and the issuers' ``expired`` accounts in id order. Raises
     :class:`~ledger.exceptions.LedgerError` only if the books are inconsistent.
     """
-    # Imported here: the ledger and the books' owner locks are used only by erasure in this module.
-    from django.db.models import Max
-
-    from ledger.models import Account, AccountKind, Posting, Transfer
-    from ledger.services import AccountKey, TransferSpec, accounts_ensure, transfers_post
-    from methodology.books import owners_lock, person_owner, subject_owner
-
     # NO KEY: links and activities being written for the person hold KEY SHARE on this row (their
     # foreign keys); FOR UPDATE would wait for them while they wait for the owner locks below.
     person = Person.objects.select_for_update(no_key=True).get(pk=person.pk)
@@ -417,16 +413,7 @@ def person_erase(*, person: Person) -> PersonErased:
             .order_by("id")
             .values_list("id", "balance")
         )
-        keys = {lot: f"forfeit:{person.pk}:{lot}" for lot, _ in lots}
-        used = set(Transfer.objects.filter(idempotency_key__in=keys.values()).values_list("idempotency_key", flat=True))
-        if used:
-            last = dict(
-                Posting.objects.filter(account_id__in=[lot for lot, key in keys.items() if key in used])
-                .values("account_id")
-                .annotate(last=Max("id"))
-                .values_list("account_id", "last")
-            )
-            keys.update({lot: f"{keys[lot]}:after-{last[lot]}" for lot in last})
+        keys = sweep_keys({lot: f"forfeit:{person.pk}:{lot}" for lot, _ in lots})
         specs = [
             TransferSpec(
                 idempotency_key=keys[lot],
