@@ -34,6 +34,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1000, help="inbox rows claimed per batch")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--subjects", type=int, default=5_000, help="distinct unlinked subjects")
+    parser.add_argument(
+        "--profile", default="", help="write a pyinstrument text profile of the first normalize run here"
+    )
     args = parser.parse_args()
 
     import psycopg
@@ -151,7 +154,15 @@ def main() -> None:
     bare, alone, full, baseline = [], [], [], []
     for repeat in range(args.repeats):
         load()
-        bare.append(args.events / handler_alone(credit=False))
+        if args.profile and repeat == 0:
+            from pyinstrument import Profiler
+
+            profiler = Profiler(interval=0.0002)
+            with profiler:
+                bare.append(args.events / handler_alone(credit=False))
+            Path(args.profile).write_text(profiler.output_text(unicode=True, show_all=False))
+        else:
+            bare.append(args.events / handler_alone(credit=False))
         assert NormalizedActivity.objects.count() == args.events
         forget_normalization()
         alone.append(args.events / handler_alone())
