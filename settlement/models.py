@@ -79,9 +79,7 @@ class Cycle(models.Model):
 class Obligation(models.Model):
     """Immutable: ``debtor`` owes ``creditor`` ``amount_minor``. Null party = the hub (carry-forward)."""
 
-    key = models.CharField(
-        max_length=200, help_text="Idempotency key: source plus the pair, e.g. 'redemption:17:3>9'."
-    )
+    key = models.CharField(max_length=200, help_text="Idempotency key: source plus the pair, e.g. 'redemption:17:3>9'.")
     debtor = models.ForeignKey(
         "institutions.Institution", on_delete=models.PROTECT, null=True, blank=True, related_name="+"
     )

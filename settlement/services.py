@@ -115,8 +115,15 @@ def obligations_record(
         seen.add(key)
         rows.append(
             Obligation(
-                key=key, debtor_id=debtor, creditor_id=creditor, amount_minor=spec.amount_minor, currency=currency,
-                points_mg=spec.points_mg, source=source, price=price, created_at=now,
+                key=key,
+                debtor_id=debtor,
+                creditor_id=creditor,
+                amount_minor=spec.amount_minor,
+                currency=currency,
+                points_mg=spec.points_mg,
+                source=source,
+                price=price,
+                created_at=now,
             )
         )
     if not rows:
@@ -126,7 +133,10 @@ def obligations_record(
     for row in rows:
         kept = stored[row.key]
         if (kept.amount_minor, kept.currency, kept.debtor_id, kept.creditor_id) != (
-            row.amount_minor, row.currency, row.debtor_id, row.creditor_id
+            row.amount_minor,
+            row.currency,
+            row.debtor_id,
+            row.creditor_id,
         ):
             raise ObligationImmutable(
                 f"Obligation {row.key} already exists with {kept.amount_minor} {kept.currency}; "
@@ -142,8 +152,9 @@ def obligations_for_redemption(
     """The obligations of one captured redemption at the price in force ``at``; idempotent per redemption."""
     price = price_in_force(at=at)
     gross = netting.obligations_for_capture(mg_by_issuer, provider_id, price.fen_per_thousand_points)
-    return obligations_record(source=f"redemption:{redemption_id}", obligations=gross, currency=price.currency,
-                              price=price, now=at)
+    return obligations_record(
+        source=f"redemption:{redemption_id}", obligations=gross, currency=price.currency, price=price, now=at
+    )
 
 
 @transaction.atomic
