@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -13,6 +13,7 @@ from django.db import transaction
 from django.db.models import Q, Sum
 from django.utils import timezone
 
+from institutions.models import Institution
 from settlement import netting
 from settlement.exceptions import CycleOrder, IllegalCycleTransition, InvalidObligation, NoPrice, ObligationImmutable
 from settlement.models import CURRENCY, Cycle, CycleState, NetPosition, Obligation, SettlementPrice
@@ -31,37 +32,66 @@ CYCLE_TRANSITIONS: dict[str, frozenset[str]] = {
 }
 
 _TICK = timedelta(microseconds=1)
+# Source of the obligations that carry a net under the minimum into the next cycle.
+CARRY_SOURCE_PREFIX = "carry:"
 
 
 def _party(value: Any) -> str:
     return "hub" if value is None else str(value)
 
 
-def obligation_canonical_line(obligation: Any) -> str:
-    """One obligation in the digest's canonical form (see :func:`statement_digest`)."""
+def obligation_lines(obligations: Iterable[Obligation]) -> list[dict[str, Any]]:
+    """Obligations in their public form: what a statement lists and what its digest covers.
+
+    Each line is ``{"id", "source", "debtor", "creditor", "amount_minor", "currency"}`` with the parties as
+    institution codes and ``None`` for the hub (no institution code can be empty). One query for the codes.
+    """
+    obligations = list(obligations)
+    party_ids = {p for o in obligations for p in (o.debtor_id, o.creditor_id) if p is not None}
+    codes = dict(Institution.objects.filter(pk__in=party_ids).values_list("pk", "code"))
+    return [
+        {
+            "id": o.pk,
+            "source": o.source,
+            "debtor": None if o.debtor_id is None else codes[o.debtor_id],
+            "creditor": None if o.creditor_id is None else codes[o.creditor_id],
+            "amount_minor": int(o.amount_minor),
+            "currency": o.currency,
+        }
+        for o in obligations
+    ]
+
+
+def obligation_canonical_line(line: Mapping[str, Any]) -> str:
+    """One obligation line (see :func:`obligation_lines`) in the digest's canonical form."""
     return "|".join(
         (
-            str(getattr(obligation, "id", None) or getattr(obligation, "pk", None) or ""),
-            getattr(obligation, "source", ""),
-            _party(obligation.debtor_id if hasattr(obligation, "debtor_id") else obligation.debtor),
-            _party(obligation.creditor_id if hasattr(obligation, "creditor_id") else obligation.creditor),
-            str(int(obligation.amount_minor)),
-            getattr(obligation, "currency", CURRENCY),
+            "" if line["id"] is None else str(line["id"]),
+            line["source"],
+            line["debtor"] or "",
+            line["creditor"] or "",
+            str(int(line["amount_minor"])),
+            line["currency"],
         )
     )
 
 
-def statement_digest(obligations: Iterable[Any]) -> str:
+def statement_digest(obligations: Iterable[Obligation | Mapping[str, Any]]) -> str:
     """``"sha256:" + hex`` over the gross obligations behind a figure, independent of their order.
 
     Canonical form: each obligation becomes the line ``id|source|debtor|creditor|amount_minor|currency``
-    (parties as institution ids, ``hub`` for the hub; amount as a base-10 integer; the id empty for an
-    obligation not yet stored), the lines are sorted by their UTF-8 bytes, each ends with ``\\n``, and
-    SHA-256 runs over the concatenation. An institution holding the same obligations gets the same digest.
+    (parties as institution codes, empty for the hub; the amount as a base-10 integer; the id empty for
+    an obligation not yet stored), the lines are sorted by their UTF-8 bytes, each ends with ``\\n``, and
+    SHA-256 runs over the concatenation. No field can hold ``|`` or a line break (codes are
+    ``[a-z0-9-]``, sources are refused with them), so the form is unambiguous. An institution holding
+    the lines of its statement recomputes the same digest. Takes stored obligations or their lines.
     """
-    lines = sorted(obligation_canonical_line(o).encode() for o in obligations)
+    items = list(obligations)
+    models_ = [o for o in items if isinstance(o, Obligation)]
+    lines = [o for o in items if not isinstance(o, Obligation)] + obligation_lines(models_)
+    encoded = sorted(obligation_canonical_line(line).encode() for line in lines)
     digest = hashlib.sha256()
-    for line in lines:
+    for line in encoded:
         digest.update(line + b"\n")
     return "sha256:" + digest.hexdigest()
 
@@ -100,6 +130,8 @@ def obligations_record(
     itself, or the same pair twice in one call. Obligations are unassigned until the next cut-off.
     """
     now = now or timezone.now()
+    if not source or "|" in source or not source.isprintable() or len(source) > 64:
+        raise InvalidObligation(f"Source {source!r} must be 1 to 64 printable characters without '|'.")
     rows: list[Obligation] = []
     seen: set[str] = set()
     for spec in obligations:
@@ -177,20 +209,26 @@ def cycle_cut(*, now: datetime | None = None, currency: str = CURRENCY) -> Cycle
     """Close a cycle at ``now``: every unassigned obligation created at or before ``now`` joins it.
 
     Obligations created later stay unassigned and roll into the next cut. Returns the new cycle, in
-    state ``cut_off``, or ``None`` when nothing is waiting (no empty cycles). Safe against a concurrent
-    cut: the assignment is one ``UPDATE ... WHERE cycle_id IS NULL``, so PostgreSQL re-checks each row
-    and an obligation lands in exactly one cycle. Raises :class:`CycleOrder` if ``now`` is not after
-    the previous cut-off (cycles never overlap).
+    state ``cut_off``, or ``None`` when nothing new is waiting: no empty cycles, and no cycle of
+    carry-forwards alone (each would be under the minimum again, so such a cycle could only carry them
+    once more; they wait for the next cycle with business in it). A second cut right after the first
+    is therefore a no-op, which makes the daily task safe to run twice. Safe against a concurrent cut:
+    the assignment is one ``UPDATE ... WHERE cycle_id IS NULL``, so PostgreSQL re-checks each row and an
+    obligation lands in exactly one cycle; a cut that finds every row taken meanwhile removes its cycle
+    and returns ``None``. Raises :class:`CycleOrder` if ``now`` is not after the previous cut-off
+    (cycles never overlap).
     """
     now = now or timezone.now()
     last = Cycle.objects.filter(currency=currency).order_by("-cut_off_at").first()
     if last is not None and now <= last.cut_off_at:
         raise CycleOrder(f"Cut-off {now.isoformat()} is not after the last one, {last.cut_off_at.isoformat()}.")
     waiting = Obligation.objects.filter(cycle__isnull=True, currency=currency, created_at__lte=now)
-    if not waiting.exists():
+    if not waiting.exclude(source__startswith=CARRY_SOURCE_PREFIX).exists():
         return None
     cycle = Cycle.objects.create(currency=currency, cut_off_at=now, state=CycleState.OPEN)
-    waiting.update(cycle=cycle)
+    if not waiting.update(cycle=cycle):
+        cycle.delete()  # a concurrent cut took them all; nothing refers to this cycle yet
+        return None
     return cycle_transition(cycle=cycle, to=CycleState.CUT_OFF)
 
 
@@ -246,7 +284,9 @@ def cycle_net(*, cycle: Cycle, minimum_minor: int | None = None, now: datetime |
     if carries:
         # Created after this cycle's cut-off, so the next cut takes them; never in this (closed) cycle.
         carry_at = max(now or timezone.now(), cycle.cut_off_at + _TICK)
-        obligations_record(source=f"carry:cycle-{cycle.pk}", obligations=carries, currency=cycle.currency, now=carry_at)
+        obligations_record(
+            source=f"{CARRY_SOURCE_PREFIX}cycle-{cycle.pk}", obligations=carries, currency=cycle.currency, now=carry_at
+        )
     cycle_transition(cycle=cycle, to=CycleState.NETTED)
     return rows
 

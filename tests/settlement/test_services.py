@@ -20,6 +20,8 @@ from settlement.services import (
     cycle_net,
     cycle_obligations,
     cycle_transition,
+    obligation_canonical_line,
+    obligation_lines,
     obligations_for_redemption,
     obligations_record,
     price_in_force,
@@ -218,3 +220,34 @@ def test_settlement_run_command(banks):
     out = io.StringIO()
     call_command("settlement_run", stdout=out)
     assert "Nothing to settle." in out.getvalue()
+
+
+def test_a_source_that_could_break_the_digest_is_refused(banks):
+    a, b = banks["A"], banks["B"]
+    for source in ("correction:a|b", "line\nbreak", "", "x" * 65):
+        with pytest.raises(InvalidObligation):
+            obligations_record(source=source, obligations=[ObligationSpec(a, b, 5)])
+    assert not Obligation.objects.exists()
+
+
+def test_digest_lines_name_parties_by_code_and_the_hub_by_none(banks):
+    a, b = banks["A"], banks["B"]
+    [owed] = obligations_record(source="x", obligations=[ObligationSpec(a, b, 40)], now=T0)
+    [carry] = obligations_record(source="carry:cycle-0", obligations=[ObligationSpec(None, a, 3)], now=T0)
+    lines = obligation_lines([owed, carry])
+    assert [(x["debtor"], x["creditor"]) for x in lines] == [("bank-a", "bank-b"), (None, "bank-a")]
+    assert obligation_canonical_line(lines[1]) == f"{carry.pk}|carry:cycle-0||bank-a|3|CNY"
+    assert statement_digest(lines) == statement_digest([carry, owed])
+
+
+def test_carry_forwards_alone_make_no_cycle(banks):
+    a, b = banks["A"], banks["B"]
+    obligations_record(source="small", obligations=[ObligationSpec(a, b, 5)], now=T0)
+    cycle = cycle_cut(now=T0 + timedelta(hours=1))
+    assert cycle is not None
+    cycle_net(cycle=cycle, minimum_minor=100)  # both nets carried forward
+    assert Obligation.objects.filter(cycle__isnull=True).count() == 2
+    assert cycle_cut(now=T0 + timedelta(hours=2)) is None  # nothing new: no cycle of carries alone
+    obligations_record(source="more", obligations=[ObligationSpec(b, a, 1)], now=T0 + timedelta(hours=3))
+    nxt = cycle_cut(now=T0 + timedelta(hours=4))
+    assert nxt is not None and nxt.obligations.count() == 3  # the carries ride along with new business
