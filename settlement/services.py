@@ -1,22 +1,45 @@
-"""Settlement writes: record obligations, cut cycles, net them. Every service is ``@transaction.atomic``."""
+"""Settlement writes: record obligations, cut cycles, net them, instruct them and record confirmations.
+
+Every service is ``@transaction.atomic``; the states they move a cycle through are described at the top
+of ``settlement/models.py``.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import logging
+import uuid
+from collections import defaultdict, deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from django.conf import settings
 from django.db import transaction
 from django.db.models import Q, Sum
 from django.utils import timezone
 
-from institutions.models import Institution
+from institutions.models import Institution, OutboxMessage
+from institutions.outbox import outbox_enqueue, outbox_replay
 from settlement import netting
 from settlement.exceptions import CycleOrder, IllegalCycleTransition, InvalidObligation, NoPrice, ObligationImmutable
-from settlement.models import CURRENCY, Cycle, CycleState, NetPosition, Obligation, SettlementPrice
+from settlement.models import (
+    CURRENCY,
+    Confirmation,
+    ConfirmationStatus,
+    Cycle,
+    CycleState,
+    Instruction,
+    InstructionDirection,
+    InstructionState,
+    NetPosition,
+    Obligation,
+    SettlementPrice,
+)
+
+logger = logging.getLogger(__name__)
 
 # Which state may follow which. A closed cycle (settled onwards) never takes obligations again; a
 # failed cycle may be instructed again (retry) or disputed; a dispute ends settled or failed.
@@ -297,3 +320,287 @@ def cycle_obligations(*, cycle: Cycle, institution_id: int | None = None) -> lis
     if institution_id is not None:
         qs = qs.filter(Q(debtor_id=institution_id) | Q(creditor_id=institution_id))
     return list(qs)
+
+
+# --- Instructions -----------------------------------------------------------------------------------
+
+INSTRUCTION_TYPE = "carbon.settlement.instruction"
+
+
+def value_date_for(cut_off_at: datetime, *, business_days: int | None = None) -> date:
+    """The value date of a cycle's instructions: ``business_days`` (default ``HUB_SETTLEMENT_VALUE_DAYS``)
+    Monday-to-Friday days after the cut-off's local date in ``HUB_STANDARD_TIMEZONE``. No holiday calendar:
+    the scheme's banks move a date that falls on a holiday by their own rules."""
+    days = settings.HUB_SETTLEMENT_VALUE_DAYS if business_days is None else business_days
+    day = timezone.localdate(cut_off_at, timezone=ZoneInfo(settings.HUB_STANDARD_TIMEZONE))
+    while days > 0:
+        day += timedelta(days=1)
+        if day.weekday() < 5:
+            days -= 1
+    return day
+
+
+def _new_instruction_id() -> str:
+    return f"ins_{uuid.uuid4().hex}"
+
+
+def instruction_webhook_data(instruction: Instruction) -> dict[str, Any]:
+    """Exactly the ``data`` fields of ``carbon.settlement.instruction`` (CONTRACT section 3)."""
+    return {
+        "instruction_id": instruction.instruction_id,
+        "cycle_id": instruction.cycle_id,
+        "direction": instruction.direction,
+        "amount_minor": instruction.amount_minor,
+        "currency": instruction.currency,
+        "value_date": instruction.value_date.isoformat(),
+        "statement_digest": instruction.statement_digest,
+    }
+
+
+@transaction.atomic
+def cycle_instruct(*, cycle: Cycle, now: datetime | None = None) -> list[Instruction]:
+    """Write the instructions of a netted cycle, each with its signed webhook, and move it to ``instructed``.
+
+    Locks the cycle. One instruction per net position whose net was not carried forward: a net debtor
+    pays the hub (``pay``), the hub pays a net creditor (``receive``), for ``net - carried``. Its digest
+    covers exactly the cycle's obligations the institution is party to (both directions, carries
+    included), the same lines its statement lists. The ``carbon.settlement.instruction`` outbox message
+    is written in this transaction, so an instruction exists if and only if its webhook does. The cycle
+    then moves as far as it can (see the models' overview: no ``pay`` instruction means settled at once).
+    Raises :class:`IllegalCycleTransition` unless the cycle is ``netted`` (so a second call writes nothing).
+    """
+    now = now or timezone.now()
+    cycle = Cycle.objects.select_for_update().get(pk=cycle.pk)
+    if cycle.state != CycleState.NETTED:
+        raise IllegalCycleTransition(f"Cycle {cycle.pk} is {cycle.state}; only a netted cycle can be instructed.")
+    positions = [p for p in NetPosition.objects.filter(cycle=cycle).order_by("institution_id") if p.instructed_minor]
+    institutions = Institution.objects.in_bulk([p.institution_id for p in positions])
+    lines_by_party: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    obligations = cycle_obligations(cycle=cycle)
+    for obligation, line in zip(obligations, obligation_lines(obligations), strict=True):
+        for party in {obligation.debtor_id, obligation.creditor_id} - {None}:
+            assert party is not None
+            lines_by_party[party].append(line)
+    value_date = value_date_for(cycle.cut_off_at)
+    made: list[Instruction] = []
+    for position in positions:
+        signed = position.instructed_minor
+        instruction = Instruction(
+            instruction_id=_new_instruction_id(),
+            cycle=cycle,
+            institution_id=position.institution_id,
+            direction=Instruction.Direction.PAY if signed < 0 else Instruction.Direction.RECEIVE,
+            amount_minor=abs(signed),
+            currency=cycle.currency,
+            value_date=value_date,
+            statement_digest=statement_digest(lines_by_party[position.institution_id]),
+            created_at=now,
+            updated_at=now,
+        )
+        instruction.message = outbox_enqueue(
+            institution=institutions[position.institution_id],
+            type=INSTRUCTION_TYPE,
+            data=instruction_webhook_data(instruction),
+        )
+        instruction.save(force_insert=True)
+        made.append(instruction)
+    cycle_transition(cycle=cycle, to=CycleState.INSTRUCTED)
+    _cycle_advance(cycle)
+    return made
+
+
+@dataclass(frozen=True)
+class CycleRun:
+    cycle: Cycle
+    positions: list[NetPosition]
+    instructions: list[Instruction]
+
+
+@transaction.atomic
+def cycle_run(
+    *, now: datetime | None = None, minimum_minor: int | None = None, currency: str = CURRENCY
+) -> CycleRun | None:
+    """Cut, net and instruct a cycle in one transaction: what ``settlement_run`` and the daily task do.
+
+    Returns ``None`` when nothing new is waiting (see :func:`cycle_cut`), so running it twice is
+    harmless. All or nothing: a crash leaves no cycle half netted or instructed without its webhooks.
+    """
+    cycle = cycle_cut(now=now, currency=currency)
+    if cycle is None:
+        return None
+    positions = cycle_net(cycle=cycle, minimum_minor=minimum_minor, now=now)
+    instructions = cycle_instruct(cycle=cycle, now=now)
+    cycle.refresh_from_db()
+    return CycleRun(cycle=cycle, positions=positions, instructions=instructions)
+
+
+# --- Cycle states driven by confirmations and deliveries --------------------------------------------
+
+
+def _cycle_path(start: str, goal: str) -> list[str]:
+    """The shortest walk through :data:`CYCLE_TRANSITIONS` from ``start`` to ``goal`` (states after start)."""
+    paths: dict[str, list[str]] = {start: []}
+    queue = deque([start])
+    while queue:
+        state = queue.popleft()
+        if state == goal:
+            return paths[state]
+        for following in sorted(CYCLE_TRANSITIONS[state]):
+            if following not in paths:
+                paths[following] = [*paths[state], following]
+                queue.append(following)
+    raise IllegalCycleTransition(f"No way from {start} to {goal}.", state=start, to=goal)
+
+
+def _cycle_goal(state: str, instructions: Sequence[tuple[str, str]]) -> str:
+    """Where a cycle's ``(direction, state)`` of instructions puts it (the rules of the models' overview)."""
+    if state in (CycleState.OPEN, CycleState.CUT_OFF, CycleState.NETTED, CycleState.RECONCILED):
+        return state
+    if any(s == InstructionState.DISPUTED for _, s in instructions):
+        return CycleState.DISPUTED
+    if all(s == InstructionState.PAID for d, s in instructions if d == InstructionDirection.PAY):
+        if all(s == InstructionState.RECEIVED for d, s in instructions if d == InstructionDirection.RECEIVE):
+            return CycleState.RECONCILED
+        return CycleState.SETTLED
+    return state
+
+
+def _cycle_advance(cycle: Cycle) -> Cycle:
+    """Move a cycle (locked by the caller) to where its instructions' states put it, step by allowed step."""
+    instructions = list(Instruction.objects.filter(cycle=cycle).values_list("direction", "state"))
+    goal = _cycle_goal(cycle.state, instructions)
+    for step in [] if goal == cycle.state else _cycle_path(cycle.state, goal):
+        cycle_transition(cycle=cycle, to=step)
+    return cycle
+
+
+@dataclass(frozen=True)
+class ConfirmationIn:
+    """One ``carbon.settlement.confirmed`` event as the dispatcher hands it over."""
+
+    inbox_event_id: int
+    institution_id: int
+    instruction_id: str
+    status: str
+    reference: str
+
+
+# A payer confirms it paid, a receiver that it received; either may dispute.
+_ALLOWED_STATUS = {
+    InstructionDirection.PAY: frozenset({ConfirmationStatus.PAID, ConfirmationStatus.DISPUTED}),
+    InstructionDirection.RECEIVE: frozenset({ConfirmationStatus.RECEIVED, ConfirmationStatus.DISPUTED}),
+}
+
+
+@transaction.atomic
+def confirmations_record(*, confirmations: Sequence[ConfirmationIn]) -> list[dict[str, Any]]:
+    """Record institutions' confirmations of their instructions; one outcome per input, in order.
+
+    Accepted: a :class:`Confirmation` row is added (every one is kept), the instruction's state becomes
+    its status, and the cycle moves as the overview says (``disputed`` at once on a dispute, which the
+    admin flags). Refused, with nothing written: ``unknown_instruction`` (no such id, or the
+    instruction of another institution: the same answer, so ids cannot be probed), ``status_mismatch``
+    (a payer confirming ``received`` or a receiver ``paid``), ``cycle_reconciled`` (the cycle is closed;
+    a correction goes into a later cycle). Idempotent per inbox event: a repeat returns the first answer
+    without adding a row. The cycles concerned are locked in id order before any instruction is read
+    for update, so concurrent batches cannot deadlock.
+    """
+    wanted = {c.instruction_id for c in confirmations}
+    instructions = {i.instruction_id: i for i in Instruction.objects.filter(instruction_id__in=wanted)}
+    cycles = {
+        c.pk: c
+        for c in Cycle.objects.select_for_update()
+        .filter(pk__in={i.cycle_id for i in instructions.values()})
+        .order_by("pk")
+    }
+    done = dict(
+        Confirmation.objects.filter(inbox_event_id__in=[c.inbox_event_id for c in confirmations]).values_list(
+            "inbox_event_id", "instruction_id"
+        )
+    )
+    outcomes: list[dict[str, Any]] = []
+    for incoming in confirmations:
+        instruction = instructions.get(incoming.instruction_id)
+        if instruction is None or instruction.institution_id != incoming.institution_id:
+            outcomes.append({"confirmed": False, "reason": "unknown_instruction"})
+            continue
+        instruction.refresh_from_db(fields=["state", "updated_at"])  # under the cycle's lock now
+        cycle = cycles[instruction.cycle_id]
+        if incoming.inbox_event_id in done:
+            outcomes.append(_confirmed(instruction, cycle, incoming.status))
+            continue
+        if incoming.status not in _ALLOWED_STATUS[InstructionDirection(instruction.direction)]:
+            outcomes.append({"confirmed": False, "reason": "status_mismatch"})
+            continue
+        if cycle.state == CycleState.RECONCILED:
+            outcomes.append({"confirmed": False, "reason": "cycle_reconciled"})
+            continue
+        now = timezone.now()
+        Confirmation.objects.create(
+            instruction=instruction,
+            inbox_event_id=incoming.inbox_event_id,
+            status=incoming.status,
+            reference=incoming.reference,
+            received_at=now,
+        )
+        done[incoming.inbox_event_id] = instruction.pk
+        instruction.state, instruction.updated_at = incoming.status, now
+        instruction.save(update_fields=["state", "updated_at"])
+        if incoming.status == ConfirmationStatus.DISPUTED:
+            logger.warning(
+                "settlement: instruction %s of cycle %s disputed (reference %r); the operator must resolve it",
+                instruction.instruction_id,
+                cycle.pk,
+                incoming.reference,
+            )
+        _cycle_advance(cycle)
+        outcomes.append(_confirmed(instruction, cycle, incoming.status))
+    return outcomes
+
+
+def _confirmed(instruction: Instruction, cycle: Cycle, status: str) -> dict[str, Any]:
+    return {
+        "confirmed": True,
+        "instruction_id": instruction.instruction_id,
+        "status": status,
+        "instruction_state": instruction.state,
+        "cycle_id": cycle.pk,
+        "cycle_state": cycle.state,
+    }
+
+
+@transaction.atomic
+def cycles_fail_undelivered() -> list[int]:
+    """Move every ``instructed`` cycle with an instruction whose webhook is dead to ``failed``; their ids.
+
+    The beat watch runs it; safe to run twice (a failed cycle is no longer instructed).
+    """
+    ids = list(
+        Cycle.objects.filter(state=CycleState.INSTRUCTED, instructions__message__status=OutboxMessage.Status.DEAD)
+        .values_list("pk", flat=True)
+        .distinct()
+        .order_by("pk")
+    )
+    failed: list[int] = []
+    for cycle in Cycle.objects.select_for_update().filter(pk__in=ids, state=CycleState.INSTRUCTED).order_by("pk"):
+        cycle_transition(cycle=cycle, to=CycleState.FAILED)
+        logger.error("settlement: cycle %s failed: an instruction's webhook died undelivered", cycle.pk)
+        failed.append(cycle.pk)
+    return failed
+
+
+@transaction.atomic
+def cycle_resend(*, cycle: Cycle) -> int:
+    """Operator: send a failed cycle's dead instruction webhooks again (same webhook-id, fresh schedule).
+
+    Moves the cycle back to ``instructed`` (and on, if confirmations already justify it). Returns how
+    many messages were put back. Raises :class:`IllegalCycleTransition` unless the cycle is ``failed``.
+    """
+    cycle = Cycle.objects.select_for_update().get(pk=cycle.pk)
+    if cycle.state != CycleState.FAILED:
+        raise IllegalCycleTransition(f"Cycle {cycle.pk} is {cycle.state}; only a failed cycle is resent.")
+    message_ids = list(Instruction.objects.filter(cycle=cycle).values_list("message_id", flat=True))
+    count = outbox_replay(ids=message_ids)
+    cycle_transition(cycle=cycle, to=CycleState.INSTRUCTED)
+    _cycle_advance(cycle)
+    return count

@@ -216,7 +216,7 @@ def test_settlement_run_command(banks):
     out = io.StringIO()
     call_command("settlement_run", "--minimum-minor", "1", stdout=out)
     text = out.getvalue()
-    assert "pay 80" in text and text.count("receive") == 3 and "netted" in text
+    assert "pay 80" in text and text.count("receive") == 3 and "instructed: 4 instruction(s)" in text
     out = io.StringIO()
     call_command("settlement_run", stdout=out)
     assert "Nothing to settle." in out.getvalue()
