@@ -74,10 +74,16 @@ def test_receivers_first_then_the_payer_goes_straight_to_reconciled(senders, ins
     assert outcome(row)["cycle_state"] == "reconciled"
 
 
-def test_a_dispute_is_flagged_and_a_later_confirmation_resolves_it(senders, instructed, deliver):
+def test_a_dispute_is_flagged_and_a_later_confirmation_resolves_it(admin_client, senders, instructed, deliver):
     deliver(senders["A"], confirmed_event(instructed["A"].instruction_id, "paid"))
     (row,) = deliver(senders["C"], confirmed_event(instructed["C"].instruction_id, "disputed", "expected 25"))
     assert outcome(row)["instruction_state"] == "disputed" and outcome(row)["cycle_state"] == "disputed"
+
+    flagged = admin_client.get("/admin/settlement/instruction/", {"needs_operator": "yes"})
+    assert flagged.status_code == 200
+    listed = [i.instruction_id for i in flagged.context["cl"].result_list]
+    assert listed == [instructed["C"].instruction_id]
+    assert "disputed" in admin_client.get("/admin/settlement/cycle/").content.decode()
 
     # The operator settles it with C out of band; C confirms the receipt; the others follow.
     for name, status in (("C", "received"), ("B", "received"), ("D", "received")):
