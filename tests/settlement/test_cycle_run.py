@@ -8,7 +8,7 @@ from datetime import UTC, date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
 import pytest
-from django.core.management import call_command
+from django.core.management import CommandError, call_command
 from django.db import connection, transaction
 from django.db.utils import DatabaseError
 from django.utils import timezone
@@ -220,3 +220,11 @@ def test_instruction_webhooks_exist_only_with_their_instructions(senders):
     with pytest.raises(IllegalCycleTransition):
         cycle_instruct(cycle=cycle.cycle)  # a second instruct writes nothing
     assert OutboxMessage.objects.count() == Instruction.objects.count() == 4
+
+
+@pytest.mark.parametrize("value", ["yesterday", "2030-03-01T13:00:00"])
+def test_settlement_run_wants_an_instant_with_an_offset(senders, value):
+    record(senders, WORKED)
+    with pytest.raises(CommandError, match="offset"):
+        call_command("settlement_run", "--now", value, stdout=io.StringIO())
+    assert not Cycle.objects.exists()
