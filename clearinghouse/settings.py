@@ -285,4 +285,25 @@ CELERY_BEAT_SCHEDULE["ledger-lots-expire"] = {
     "task": "ledger.tasks.lots_expire_daily",
     "schedule": crontab(hour=_midnight_utc.hour, minute=_midnight_utc.minute),
 }
+
+# --- Settlement -------------------------------------------------------------------------------------
+
 HUB_SETTLEMENT_MIN_MINOR = env_int("HUB_SETTLEMENT_MIN_MINOR", 100)  # nets under 1 yuan roll to the next cycle
+# An instruction's value date: this many business days (Monday to Friday; no holiday calendar) after the
+# cut-off's local date in HUB_STANDARD_TIMEZONE. 1 = the next business day.
+HUB_SETTLEMENT_VALUE_DAYS = env_int("HUB_SETTLEMENT_VALUE_DAYS", 1)
+# The daily cycle is cut, netted and instructed at this local time (HH:MM in HUB_STANDARD_TIMEZONE), after
+# the lots expire; the run is idempotent (a second run finds nothing new to cut).
+HUB_SETTLEMENT_CUT_OFF_TIME = os.environ.get("HUB_SETTLEMENT_CUT_OFF_TIME", "00:15")
+_cut_off_utc = datetime.combine(
+    datetime.now(_standard_zone).date(), time.fromisoformat(HUB_SETTLEMENT_CUT_OFF_TIME), _standard_zone
+).astimezone(UTC)
+CELERY_BEAT_SCHEDULE["settlement-run-daily"] = {
+    "task": "settlement.tasks.settlement_run_daily",
+    "schedule": crontab(hour=_cut_off_utc.hour, minute=_cut_off_utc.minute),
+}
+# Instructions whose webhook died undelivered fail their cycle, so the operator sees it and resends.
+CELERY_BEAT_SCHEDULE["settlement-cycles-watch"] = {
+    "task": "settlement.tasks.cycles_watch",
+    "schedule": 600.0,
+}

@@ -21,6 +21,12 @@ CONFIRMED = {
 }
 
 
+@pytest.fixture
+def confirmed_unhandled(monkeypatch):
+    """``carbon.settlement.confirmed`` with its app's handler set aside: a type no app handles."""
+    monkeypatch.delitem(handlers._handlers, CONFIRMED["type"], raising=False)
+
+
 def store(client, sender, *events) -> None:
     response = post_events(client, sender, list(events))
     assert response.status_code == 202, response.content
@@ -46,7 +52,7 @@ def test_without_a_handler_events_stay_received(client, bank, monkeypatch):
     assert row("e1").status == "received" and row("e1").attempts == 0
 
 
-def test_events_of_types_no_app_handles_stay_received(client, bank, activity_handler):
+def test_events_of_types_no_app_handles_stay_received(client, bank, activity_handler, confirmed_unhandled):
     store(client, bank, activity("e1"), CONFIRMED)
     assert inbox.inbox_drain() == {"processed": 1}
     assert statuses() == {"e1": "processed", "conf-1": "received"}
@@ -198,7 +204,9 @@ def test_the_sweeper_finds_rows_older_than_a_minute_and_gets_them_processed(clie
     assert statuses() == {"e1": "processed", "e2": "processed"}
 
 
-def test_the_sweeper_ignores_rows_no_handler_takes_and_rows_waiting_out_a_backoff(client, bank, activity_handler):
+def test_the_sweeper_ignores_rows_no_handler_takes_and_rows_waiting_out_a_backoff(
+    client, bank, activity_handler, confirmed_unhandled
+):
     store(client, bank, activity("waiting"), CONFIRMED)
     age(2)
     InboxEvent.objects.filter(event_id="waiting").update(available_at=timezone.now() + timedelta(seconds=30))

@@ -20,6 +20,8 @@ from settlement.services import (
     cycle_net,
     cycle_obligations,
     cycle_transition,
+    obligation_canonical_line,
+    obligation_lines,
     obligations_for_redemption,
     obligations_record,
     price_in_force,
@@ -108,8 +110,9 @@ def test_cycles_net_in_order(banks):
     obligations_record(source="one", obligations=[ObligationSpec(banks["A"], banks["B"], 500)], now=T0)
     first = cycle_cut(now=T0 + timedelta(hours=1))
     assert first is not None
-    obligations_record(source="two", obligations=[ObligationSpec(banks["A"], banks["B"], 500)],
-                       now=T0 + timedelta(hours=2))
+    obligations_record(
+        source="two", obligations=[ObligationSpec(banks["A"], banks["B"], 500)], now=T0 + timedelta(hours=2)
+    )
     second = cycle_cut(now=T0 + timedelta(hours=3))
     assert second is not None
     with pytest.raises(CycleOrder):
@@ -130,8 +133,13 @@ def test_transitions_follow_the_lifecycle_and_refuse_the_rest(banks):
     cycle_net(cycle=cycle)
     with pytest.raises(IllegalCycleTransition):
         cycle_net(cycle=cycle)  # netting twice is refused
-    for state in (CycleState.INSTRUCTED, CycleState.FAILED, CycleState.INSTRUCTED, CycleState.SETTLED,
-                  CycleState.RECONCILED):
+    for state in (
+        CycleState.INSTRUCTED,
+        CycleState.FAILED,
+        CycleState.INSTRUCTED,
+        CycleState.SETTLED,
+        CycleState.RECONCILED,
+    ):
         cycle_transition(cycle=cycle, to=state)
     for value in CycleState.values:
         with pytest.raises(IllegalCycleTransition):
@@ -173,7 +181,8 @@ def test_redemption_obligations_at_the_price_in_force(banks):
     SettlementPrice.objects.create(fen_per_thousand_points=12, valid_from=T0 - timedelta(days=1))
     rows = obligations_for_redemption(redemption_id=7, provider_id=d, mg_by_issuer={a: 2_000_000, b: 500_000}, at=T0)
     assert [(o.debtor_id, o.creditor_id, o.amount_minor, o.points_mg) for o in rows] == [
-        (a, d, 24, 2_000_000), (b, d, 6, 500_000)
+        (a, d, 24, 2_000_000),
+        (b, d, 6, 500_000),
     ]
     assert rows[0].price is not None
     assert rows[0].price.fen_per_thousand_points == 12
@@ -191,8 +200,12 @@ def test_digest_is_stable_under_reordering_and_sensitive_to_amounts(banks):
         random.shuffle(shuffled)
         assert statement_digest(shuffled) == digest
     changed = obligations[:]
-    changed[0] = Obligation(**{**{f.attname: getattr(changed[0], f.attname) for f in Obligation._meta.concrete_fields},
-                               "amount_minor": changed[0].amount_minor + 1})
+    changed[0] = Obligation(
+        **{
+            **{f.attname: getattr(changed[0], f.attname) for f in Obligation._meta.concrete_fields},
+            "amount_minor": changed[0].amount_minor + 1,
+        }
+    )
     assert statement_digest(changed) != digest
     mine = cycle_obligations(cycle=cycle, institution_id=banks["A"])
     assert len(mine) == 3 and statement_digest(mine) != digest
@@ -203,7 +216,38 @@ def test_settlement_run_command(banks):
     out = io.StringIO()
     call_command("settlement_run", "--minimum-minor", "1", stdout=out)
     text = out.getvalue()
-    assert "pay 80" in text and text.count("receive") == 3 and "netted" in text
+    assert "pay 80" in text and text.count("receive") == 3 and "instructed: 4 instruction(s)" in text
     out = io.StringIO()
     call_command("settlement_run", stdout=out)
     assert "Nothing to settle." in out.getvalue()
+
+
+def test_a_source_that_could_break_the_digest_is_refused(banks):
+    a, b = banks["A"], banks["B"]
+    for source in ("correction:a|b", "line\nbreak", "", "x" * 65):
+        with pytest.raises(InvalidObligation):
+            obligations_record(source=source, obligations=[ObligationSpec(a, b, 5)])
+    assert not Obligation.objects.exists()
+
+
+def test_digest_lines_name_parties_by_code_and_the_hub_by_none(banks):
+    a, b = banks["A"], banks["B"]
+    [owed] = obligations_record(source="x", obligations=[ObligationSpec(a, b, 40)], now=T0)
+    [carry] = obligations_record(source="carry:cycle-0", obligations=[ObligationSpec(None, a, 3)], now=T0)
+    lines = obligation_lines([owed, carry])
+    assert [(x["debtor"], x["creditor"]) for x in lines] == [("bank-a", "bank-b"), (None, "bank-a")]
+    assert obligation_canonical_line(lines[1]) == f"{carry.pk}|carry:cycle-0||bank-a|3|CNY"
+    assert statement_digest(lines) == statement_digest([carry, owed])
+
+
+def test_carry_forwards_alone_make_no_cycle(banks):
+    a, b = banks["A"], banks["B"]
+    obligations_record(source="small", obligations=[ObligationSpec(a, b, 5)], now=T0)
+    cycle = cycle_cut(now=T0 + timedelta(hours=1))
+    assert cycle is not None
+    cycle_net(cycle=cycle, minimum_minor=100)  # both nets carried forward
+    assert Obligation.objects.filter(cycle__isnull=True).count() == 2
+    assert cycle_cut(now=T0 + timedelta(hours=2)) is None  # nothing new: no cycle of carries alone
+    obligations_record(source="more", obligations=[ObligationSpec(b, a, 1)], now=T0 + timedelta(hours=3))
+    nxt = cycle_cut(now=T0 + timedelta(hours=4))
+    assert nxt is not None and nxt.obligations.count() == 3  # the carries ride along with new business

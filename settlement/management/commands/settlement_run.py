@@ -1,42 +1,66 @@
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandParser
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.utils.dateparse import parse_datetime
 
-from settlement.services import cycle_cut, cycle_net
+from institutions.models import Institution
+from settlement.services import cycle_run
 
 
 class Command(BaseCommand):
     help = (
-        "Cut a settlement cycle now (every obligation not yet in a cycle joins it), net it through the hub, "
-        "and print each institution's gross in, gross out, net, carried-forward amount and instruction. "
-        "Prints 'Nothing to settle.' when no obligation is waiting."
+        "Cut a settlement cycle now (every obligation not yet in a cycle joins it), net it through the hub and "
+        "write its instructions (each sent as a signed carbon.settlement.instruction webhook), all in one "
+        "transaction, as the daily beat task does. Prints each institution's gross in, gross out, net, "
+        "carried-forward amount and instruction. Prints 'Nothing to settle.' when no obligation is waiting."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--now", help="Cut-off instant as ISO 8601 with offset (default: the current time).")
         parser.add_argument(
-            "--minimum-minor", type=int, default=None,
+            "--minimum-minor",
+            type=int,
+            default=None,
             help="Nets under this many minor units roll forward (default: HUB_SETTLEMENT_MIN_MINOR).",
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
-        now = parse_datetime(options["now"]) if options["now"] else None
-        cycle = cycle_cut(now=now)
-        if cycle is None:
+        now = None
+        if options["now"]:
+            now = parse_datetime(options["now"])
+            if now is None or now.tzinfo is None:
+                raise CommandError("--now must be an ISO 8601 instant with an offset, e.g. 2030-03-01T16:00:00+08:00.")
+        run = cycle_run(now=now, minimum_minor=options["minimum_minor"])
+        if run is None:
             self.stdout.write("Nothing to settle.")
             return
-        positions = cycle_net(cycle=cycle, minimum_minor=options["minimum_minor"])
+        cycle = run.cycle
+        codes = dict(
+            Institution.objects.filter(pk__in=[p.institution_id for p in run.positions]).values_list("pk", "code")
+        )
+        width = max([11, *(len(code) for code in codes.values())])
+        by_institution = {i.institution_id: i for i in run.instructions}
         self.stdout.write(f"Cycle {cycle.pk}, cut off {cycle.cut_off_at.isoformat()}, {cycle.currency} minor units:")
-        header = f"  {'institution':>11} {'gross in':>12} {'gross out':>12} {'net':>12} {'carried':>10}  instruction"
+        header = (
+            f"  {'institution':<{width}} {'gross in':>12} {'gross out':>12} {'net':>12} {'carried':>10}  instruction"
+        )
         self.stdout.write(header)
-        for p in positions:
-            instructed = p.instructed_minor
-            what = "-" if instructed == 0 else (f"pay {-instructed}" if instructed < 0 else f"receive {instructed}")
-            self.stdout.write(
-                f"  {p.institution_id:>11} {p.gross_in:>12} {p.gross_out:>12} {p.net_minor:>+12} "
-                f"{p.carried_forward_minor:>+10}  {what}"
+        for p in run.positions:
+            instruction = by_institution.get(p.institution_id)
+            what = (
+                "-"
+                if instruction is None
+                else f"{instruction.direction} {instruction.amount_minor} {instruction.instruction_id}"
             )
-        hub = -sum(p.net_minor for p in positions)
-        self.stdout.write(f"  {'hub':>11} {'':>12} {'':>12} {hub:>+12}")
-        self.stdout.write(self.style.SUCCESS(f"Cycle {cycle.pk} netted."))
+            self.stdout.write(
+                f"  {codes[p.institution_id]:<{width}} {p.gross_in:>12} {p.gross_out:>12} "
+                f"{p.net_minor:>+12} {p.carried_forward_minor:>+10}  {what}"
+            )
+        hub = -sum(p.net_minor for p in run.positions)
+        self.stdout.write(f"  {'hub':<{width}} {'':>12} {'':>12} {hub:>+12}")
+        value_date = run.instructions[0].value_date.isoformat() if run.instructions else "-"
+        self.stdout.write(
+            self.style.SUCCESS(
+                f"Cycle {cycle.pk} {cycle.state}: {len(run.instructions)} instruction(s), value date {value_date}."
+            )
+        )
