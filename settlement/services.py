@@ -1,21 +1,68 @@
-"""Settlement writes: record obligations, cut cycles, net them. Every service is ``@transaction.atomic``."""
+"""Settlement writes: rewards, redemptions (hold, capture, void), obligations, cycles and netting.
+Every service is ``@transaction.atomic`` or says which transactions it opens."""
 
 from __future__ import annotations
 
 import hashlib
+import json
+import re
+from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from typing import Any
 
 from django.conf import settings
-from django.db import transaction
-from django.db.models import Q, Sum
+from django.db import IntegrityError, connection, transaction
+from django.db.models import F, Q, Sum
 from django.utils import timezone
 
+from institutions import crypto
+from institutions.models import Institution
+from institutions.outbox import outbox_enqueue
+from ledger.exceptions import InsufficientBalance
+from ledger.models import Account, AccountKind, TransferKind
+from ledger.services import AccountKey, TransferSpec, accounts_ensure, transfers_post
+from methodology.books import owners_lock, person_owner
 from settlement import netting
-from settlement.exceptions import CycleOrder, IllegalCycleTransition, InvalidObligation, NoPrice, ObligationImmutable
-from settlement.models import CURRENCY, Cycle, CycleState, NetPosition, Obligation, SettlementPrice
+from settlement.exceptions import (
+    CycleOrder,
+    IdempotencyKeyInFlight,
+    IdempotencyKeyInvalid,
+    IdempotencyKeyMissing,
+    IdempotencyKeyReused,
+    IllegalCycleTransition,
+    InsufficientPoints,
+    InvalidObligation,
+    InvalidReward,
+    NoPrice,
+    NotAProvider,
+    ObligationImmutable,
+    OutOfStock,
+    RedemptionLimitReached,
+    RedemptionNotPending,
+    RedemptionRefused,
+    RewardExists,
+    RewardNotFound,
+    RewardUnavailable,
+)
+from settlement.models import (
+    CURRENCY,
+    Cycle,
+    CycleState,
+    NetPosition,
+    Obligation,
+    Redemption,
+    RedemptionAllocation,
+    RedemptionRequest,
+    RedemptionStatus,
+    Reward,
+    SettlementPrice,
+)
+from settlement.selectors import redemption_json
+from wallets.models import Membership, Person
+from wallets.selectors import MG_PER_POINT, standard_today
+from wallets.services import person_erase
 
 # Which state may follow which. A closed cycle (settled onwards) never takes obligations again; a
 # failed cycle may be instructed again (retry) or disputed; a dispute ends settled or failed.
@@ -115,8 +162,15 @@ def obligations_record(
         seen.add(key)
         rows.append(
             Obligation(
-                key=key, debtor_id=debtor, creditor_id=creditor, amount_minor=spec.amount_minor, currency=currency,
-                points_mg=spec.points_mg, source=source, price=price, created_at=now,
+                key=key,
+                debtor_id=debtor,
+                creditor_id=creditor,
+                amount_minor=spec.amount_minor,
+                currency=currency,
+                points_mg=spec.points_mg,
+                source=source,
+                price=price,
+                created_at=now,
             )
         )
     if not rows:
@@ -126,7 +180,10 @@ def obligations_record(
     for row in rows:
         kept = stored[row.key]
         if (kept.amount_minor, kept.currency, kept.debtor_id, kept.creditor_id) != (
-            row.amount_minor, row.currency, row.debtor_id, row.creditor_id
+            row.amount_minor,
+            row.currency,
+            row.debtor_id,
+            row.creditor_id,
         ):
             raise ObligationImmutable(
                 f"Obligation {row.key} already exists with {kept.amount_minor} {kept.currency}; "
@@ -142,8 +199,9 @@ def obligations_for_redemption(
     """The obligations of one captured redemption at the price in force ``at``; idempotent per redemption."""
     price = price_in_force(at=at)
     gross = netting.obligations_for_capture(mg_by_issuer, provider_id, price.fen_per_thousand_points)
-    return obligations_record(source=f"redemption:{redemption_id}", obligations=gross, currency=price.currency,
-                              price=price, now=at)
+    return obligations_record(
+        source=f"redemption:{redemption_id}", obligations=gross, currency=price.currency, price=price, now=at
+    )
 
 
 @transaction.atomic
@@ -246,3 +304,550 @@ def cycle_obligations(*, cycle: Cycle, institution_id: int | None = None) -> lis
     if institution_id is not None:
         qs = qs.filter(Q(debtor_id=institution_id) | Q(creditor_id=institution_id))
     return list(qs)
+
+
+# --- Rewards ------------------------------------------------------------------------------------------
+
+REWARD_CODE = re.compile(r"^[a-z0-9-]{2,40}$")
+REWARD_TITLE_MAX = 200
+
+
+@transaction.atomic
+def reward_create(
+    *,
+    provider: Institution,
+    code: str,
+    title: str,
+    points: int,
+    stock: int | None = None,
+    per_person_limit: int | None = None,
+    active_from: datetime | None = None,
+    active_until: datetime | None = None,
+) -> Reward:
+    """Add a reward offered by ``provider`` (CONTRACT section 6).
+
+    Raises :class:`NotAProvider` unless the institution is a provider, :class:`InvalidReward` for a
+    code outside ``[a-z0-9-]{2,40}``, an empty title, non-positive points or limit, negative stock or a
+    window that ends before it starts, and :class:`RewardExists` when the code is taken (by any provider:
+    persons redeem by code alone). Changes nothing when it raises.
+    """
+    if not provider.is_provider:
+        raise NotAProvider(f"{provider.code} is not a provider; register it with --provider to offer rewards.")
+    problems = []
+    if not REWARD_CODE.match(code):
+        problems.append("the code must match [a-z0-9-]{2,40}")
+    if not title.strip() or len(title) > REWARD_TITLE_MAX:
+        problems.append(f"the title must be 1 to {REWARD_TITLE_MAX} characters")
+    if isinstance(points, bool) or not isinstance(points, int) or points <= 0:
+        problems.append("points must be a positive integer")
+    if stock is not None and stock < 0:
+        problems.append("stock cannot be negative")
+    if per_person_limit is not None and per_person_limit <= 0:
+        problems.append("the per-person limit must be positive")
+    if active_from is not None and active_until is not None and active_until <= active_from:
+        problems.append("the window must end after it starts")
+    if problems:
+        raise InvalidReward("; ".join(problems).capitalize() + ".")
+    try:
+        with transaction.atomic():
+            return Reward.objects.create(
+                provider=provider,
+                code=code,
+                title=title.strip(),
+                points=points,
+                stock=stock,
+                per_person_limit=per_person_limit,
+                active_from=active_from,
+                active_until=active_until,
+            )
+    except IntegrityError as exc:
+        raise RewardExists(f"The reward code {code!r} is taken.") from exc
+
+
+# --- Redemptions: the request and its Idempotency-Key ----------------------------------------------------
+
+REDEMPTION_REQUESTED = "carbon.redemption.requested"
+IDEMPOTENCY_KEY_MAX = 255
+_KEY_TEXT = re.compile(r"^[\x20-\x7e]+$")
+
+
+@dataclass(frozen=True, slots=True)
+class RedemptionAnswer:
+    """What ``POST /me/redemptions`` answers: a status and a JSON body, the same for every repeat of a key."""
+
+    status: int
+    body: dict[str, Any]
+    replayed: bool = False
+
+
+def idempotency_key_clean(raw: str | None) -> str:
+    """The key as stored: the header's value, without the double quotes of its structured-field form
+    (``"abc"`` and ``abc`` are one key). Raises :class:`IdempotencyKeyMissing` or :class:`IdempotencyKeyInvalid`."""
+    if raw is None or not raw.strip():
+        raise IdempotencyKeyMissing("Send an Idempotency-Key header: a unique string per redemption you mean to make.")
+    key = raw.strip()
+    if len(key) >= 2 and key[0] == key[-1] == '"':
+        key = key[1:-1]
+    if not key or len(key) > IDEMPOTENCY_KEY_MAX or not _KEY_TEXT.match(key):
+        raise IdempotencyKeyInvalid(f"An Idempotency-Key is 1 to {IDEMPOTENCY_KEY_MAX} printable ASCII characters.")
+    return key
+
+
+def redemption_request_hash(*, reward_code: str, quantity: int) -> str:
+    """SHA-256 over the canonical request: what a repeat of the key must match."""
+    canonical = json.dumps({"quantity": quantity, "reward": reward_code}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _request_lock_try(person_id: int, key: str) -> bool:
+    """Take the transaction's advisory lock on (person, key) if free; False while another request holds it.
+
+    SQLite runs one writer at a time, so there no request is ever in flight beside another."""
+    if connection.vendor != "postgresql":
+        return True
+    digest = hashlib.blake2b(f"redemption-request\x00{person_id}\x00{key}".encode(), digest_size=8).digest()
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_try_advisory_xact_lock(%s)", [int.from_bytes(digest, "big", signed=True)])
+        row = cursor.fetchone()
+    return bool(row and row[0])
+
+
+def redemption_request(
+    *, person: Person, idempotency_key: str | None, reward_code: str, quantity: int, now: datetime | None = None
+) -> RedemptionAnswer:
+    """``POST /me/redemptions`` under an ``Idempotency-Key`` (CONTRACT section 4); one transaction.
+
+    - The first request with a key holds the points (:func:`redemption_hold`) and answers ``201`` with
+      the redemption, or answers the refusal (``insufficient-points``, ``out-of-stock``, ...); either
+      answer is stored with the key in the same transaction, so it exists exactly when its effects do.
+    - The same key with the same request (reward and quantity) answers the stored answer again, with
+      ``replayed`` set; with another request it raises :class:`IdempotencyKeyReused` (422).
+    - While a request with the key is still running, another raises :class:`IdempotencyKeyInFlight`
+      (409) at once: each request first tries a transaction-scoped advisory lock on (person, key) and
+      never waits for it. A request that crashed or rolled back left nothing, so its key is free again.
+      The unique (person, key) constraint stands behind the lock.
+
+    Keys are per person. Errors other than refusals (a bug, the database gone) store nothing.
+    """
+    key = idempotency_key_clean(idempotency_key)
+    digest = redemption_request_hash(reward_code=reward_code, quantity=quantity)
+    with transaction.atomic():
+        if not _request_lock_try(person.pk, key):
+            raise IdempotencyKeyInFlight("A request with this Idempotency-Key is still running; retry shortly.")
+        stored = (
+            RedemptionRequest.objects.filter(person_id=person.pk, key=key)
+            .values_list("request_hash", "status_code", "response")
+            .first()
+        )
+        if stored is not None:
+            request_hash, status_code, response = stored
+            if request_hash != digest:
+                raise IdempotencyKeyReused(
+                    "This Idempotency-Key was used for another request; use a new key for a new redemption."
+                )
+            return RedemptionAnswer(status=status_code, body=response, replayed=True)
+        redemption: Redemption | None = None
+        try:
+            redemption = redemption_hold(person=person, reward_code=reward_code, quantity=quantity, now=now)
+        except RedemptionRefused as refusal:  # rolled back to the hold's savepoint: nothing of it remains
+            answer = RedemptionAnswer(status=refusal.status, body=refusal.problem())
+        else:
+            answer = RedemptionAnswer(status=201, body=redemption_json(redemption))
+        RedemptionRequest.objects.create(
+            person_id=person.pk,
+            key=key,
+            request_hash=digest,
+            status_code=answer.status,
+            response=answer.body,
+            redemption=redemption,
+        )
+        return answer
+
+
+# --- Redemptions: hold, capture, void ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Lot:
+    account_id: int
+    issuer_id: int
+    expires_on: date
+    balance: int
+
+
+def spendable_lots(*, person_id: int, today: date) -> tuple[list[_Lot], int]:
+    """The person's live wallet lots with points, soonest-expiring first (then issuer, then account id),
+    and the milligrams they owe back (debts, >= 0). Read under the person's owner lock to be current."""
+    rows = Account.objects.filter(
+        Q(kind=AccountKind.WALLET_LOT, balance__gt=0, expires_on__gte=today) | Q(kind=AccountKind.DEBT, balance__lt=0),
+        person_id=person_id,
+    ).values_list("id", "kind", "issuer_id", "expires_on", "balance")
+    lots: list[_Lot] = []
+    owed = 0
+    for account_id, kind, issuer_id, expires_on, balance in rows:
+        if kind == AccountKind.DEBT:
+            owed -= balance
+        else:
+            assert expires_on is not None  # every wallet lot has one (ledger_account_identity)
+            lots.append(_Lot(account_id, issuer_id, expires_on, balance))
+    lots.sort(key=lambda lot: (lot.expires_on, lot.issuer_id, lot.account_id))
+    return lots, owed
+
+
+@transaction.atomic
+def redemption_hold(
+    *, person: Person, reward_code: str, quantity: int, now: datetime | None = None, today: date | None = None
+) -> Redemption:
+    """Hold the points of ``quantity`` units of a reward for ``person``: one transaction, all or nothing.
+
+    Under the person's owner lock (the one crediting, consolidation, reversals and erasure take, so
+    holds and credits of one person run one after the other): checks the reward exists
+    (:class:`RewardNotFound`), is in its window with an active provider (:class:`RewardUnavailable`),
+    has the stock (:class:`OutOfStock`) and is within the person's limit, counting pending and fulfilled
+    units (:class:`RedemptionLimitReached`); then that the person's live wallet lots, less what they owe
+    back after reversals, cover the points (:class:`InsufficientPoints`). Points owed back are not
+    spendable: a debt to any issuer reduces what may be held.
+
+    Takes the points from the lots soonest-expiring first (then by issuer id), moves them in one ledger
+    transfer ``redemption:<id>:hold`` to ``redemption_hold(redemption, issuer)``, records one allocation
+    per lot (account, issuer, expiry, milligrams), writes the ``carbon.redemption.requested`` webhook to
+    the provider in this transaction, and takes the stock last (a conditional ``UPDATE``, so the reward
+    row is locked only from there to the commit). Raises before committing anything otherwise.
+    """
+    now = now or timezone.now()
+    today = today or standard_today()
+    if isinstance(quantity, bool) or not isinstance(quantity, int) or quantity <= 0:
+        raise InvalidReward("The quantity must be a positive integer.")
+    owners_lock([person_owner(person.pk)])
+    reward = Reward.objects.select_related("provider").filter(code=reward_code).first()
+    if reward is None:
+        raise RewardNotFound(f"No reward {reward_code!r}.")
+    provider = reward.provider
+    if not (reward.is_open_at(now) and provider.is_active and provider.is_provider):
+        raise RewardUnavailable(f"The reward {reward.code!r} is not offered now.")
+    if reward.stock is not None and reward.stock < quantity:
+        raise OutOfStock(f"Only {reward.stock} of {reward.code!r} left.", stock=reward.stock)
+    if reward.per_person_limit is not None:
+        taken = (
+            Redemption.objects.filter(
+                person_id=person.pk,
+                reward_id=reward.pk,
+                status__in=[RedemptionStatus.PENDING, RedemptionStatus.FULFILLED],
+            ).aggregate(units=Sum("quantity"))["units"]
+            or 0
+        )
+        if taken + quantity > reward.per_person_limit:
+            raise RedemptionLimitReached(
+                f"At most {reward.per_person_limit} of {reward.code!r} per person; you have {taken}.",
+                limit=reward.per_person_limit,
+                taken=taken,
+            )
+    points = reward.points * quantity
+    needed = points * MG_PER_POINT
+    lots, owed = spendable_lots(person_id=person.pk, today=today)
+    available = sum(lot.balance for lot in lots) - owed
+    if needed > available:
+        raise InsufficientPoints(
+            f"{points} points are needed; {max(available, 0) // MG_PER_POINT} can be spent.",
+            points=points,
+            available_points=max(available, 0) // MG_PER_POINT,
+        )
+    taken_from: list[tuple[_Lot, int]] = []
+    left = needed
+    for lot in lots:
+        if not left:
+            break
+        take = min(lot.balance, left)
+        taken_from.append((lot, take))
+        left -= take
+
+    redemption = Redemption.objects.create(
+        person_id=person.pk,
+        reward=reward,
+        provider=provider,
+        quantity=quantity,
+        points=points,
+        created_at=now,
+        hold_expires_at=now + timedelta(hours=settings.HUB_REDEMPTION_HOLD_HOURS),
+    )
+    per_issuer: dict[int, int] = defaultdict(int)
+    for lot, take in taken_from:
+        per_issuer[lot.issuer_id] += take
+    holds = _hold_accounts(redemption.pk, per_issuer)
+    legs = [(lot.account_id, -take) for lot, take in taken_from]
+    legs += [(holds[issuer_id], mg) for issuer_id, mg in sorted(per_issuer.items())]
+    try:
+        transfers_post(
+            transfers=[
+                TransferSpec(
+                    idempotency_key=f"redemption:{redemption.pk}:hold",
+                    kind=TransferKind.HOLD,
+                    legs=legs,
+                    metadata={"redemption": redemption.public_id},
+                )
+            ]
+        )
+    except InsufficientBalance as exc:  # a lot was swept by the expiry job since it was read
+        raise InsufficientPoints(f"{points} points are needed; some lapsed just now.", points=points) from exc
+    RedemptionAllocation.objects.bulk_create(
+        [
+            RedemptionAllocation(
+                redemption=redemption,
+                lot_id=lot.account_id,
+                issuer_id=lot.issuer_id,
+                expires_on=lot.expires_on,
+                milligrams=take,
+            )
+            for lot, take in taken_from
+        ]
+    )
+    outbox_enqueue(
+        institution=provider,
+        type=REDEMPTION_REQUESTED,
+        data={
+            "redemption_id": redemption.public_id,
+            "reward": reward.code,
+            "points": points,
+            "quantity": quantity,
+            "subject": _provider_subject(provider_id=provider.pk, person_id=person.pk),
+        },
+    )
+    # The stock last, so the reward row is locked only until the commit; the UPDATE re-checks it.
+    if reward.stock is not None and not Reward.objects.filter(pk=reward.pk, stock__gte=quantity).update(
+        stock=F("stock") - quantity
+    ):
+        raise OutOfStock(f"{reward.code!r} ran out just now.", stock=0)
+    return redemption
+
+
+def _hold_accounts(redemption_id: int, issuer_ids: Iterable[int]) -> dict[int, int]:
+    """``{issuer id: account id}`` of the redemption's ``redemption_hold`` accounts."""
+    keys = accounts_ensure(
+        keys=[AccountKey.redemption_hold(redemption_id=redemption_id, issuer_id=issuer_id) for issuer_id in issuer_ids]
+    )
+    return {key.issuer_id: account_id for key, account_id in keys.items()}
+
+
+def _provider_subject(*, provider_id: int, person_id: int) -> str | None:
+    """The provider's own account id for the person when they linked an account there, else None."""
+    sealed = (
+        Membership.objects.filter(institution_id=provider_id, person_id=person_id, unlinked_at__isnull=True)
+        .values_list("subject_sealed", flat=True)
+        .first()
+    )
+    return crypto.unseal(sealed) if sealed else None
+
+
+@dataclass(frozen=True, slots=True)
+class Resolution:
+    """What a provider's answer (or the clock, or an operator) did to a redemption: the event's outcome.
+
+    ``result``: ``fulfilled``, ``already_fulfilled``, ``rejected``, ``already_rejected``, ``expired``,
+    ``voided`` or ``refused`` (nothing changed; ``reason`` says why).
+    """
+
+    redemption_id: str
+    result: str
+    status: str | None = None
+    reason: str | None = None
+
+    @property
+    def detail(self) -> dict[str, Any]:
+        return {
+            "redemption_id": self.redemption_id,
+            "result": self.result,
+            "status": self.status,
+            "reason": self.reason,
+        }
+
+
+def _locked(redemption_pk: int, person_id: int) -> Redemption:
+    """Lock for a change of state, in the one order every path takes: the person row (``FOR NO KEY
+    UPDATE``, as erasure takes it first), the person's owner lock, then the redemption row."""
+    Person.objects.select_for_update(no_key=True).filter(pk=person_id).values_list("pk").first()
+    owners_lock([person_owner(person_id)])
+    return Redemption.objects.select_for_update().select_related("reward").get(pk=redemption_pk)
+
+
+def _find(*, provider_id: int, redemption_id: str) -> tuple[int, int] | None:
+    """(pk, person id) of the provider's redemption ``redemption_id``; None also for another provider's,
+    so an institution cannot tell another's redemption ids from unknown ones."""
+    return (
+        Redemption.objects.filter(public_id=redemption_id, provider_id=provider_id)
+        .values_list("pk", "person_id")
+        .first()
+    )
+
+
+def _mg_by_issuer(redemption: Redemption) -> dict[int, int]:
+    totals: dict[int, int] = defaultdict(int)
+    for issuer_id, milligrams in RedemptionAllocation.objects.filter(redemption=redemption).values_list(
+        "issuer_id", "milligrams"
+    ):
+        totals[issuer_id] += milligrams
+    return dict(totals)
+
+
+@transaction.atomic
+def redemption_fulfil(
+    *,
+    provider_id: int,
+    redemption_id: str,
+    voucher: str = "",
+    event_id: str = "",
+    received_at: datetime | None = None,
+    now: datetime | None = None,
+) -> Resolution:
+    """The provider fulfilled the redemption (``carbon.redemption.fulfilled``): capture it.
+
+    Moves the held points to ``redeemed(provider, issuer)`` in one transfer ``redemption:<id>:capture``
+    and records the gross obligations "issuer owes provider" at the price in force ``now``
+    (:func:`obligations_for_redemption`). Never raises for a wrong answer, it reports it:
+    ``refused``/``unknown_redemption`` for an id that is not this provider's (the same for another
+    provider's, so ids cannot be probed), ``already_fulfilled`` for a repeat (idempotent),
+    ``refused``/``redemption_<status>`` after a void. An answer received after the hold's deadline
+    (``received_at``, when the hub stored the event, not when a worker got to it) voids the hold as
+    ``expired`` instead. Raises :class:`NoPrice` if no settlement price is in force (the event retries).
+    """
+    now = now or timezone.now()
+    received_at = received_at or now
+    found = _find(provider_id=provider_id, redemption_id=redemption_id)
+    if found is None:
+        return Resolution(redemption_id, "refused", reason="unknown_redemption")
+    redemption = _locked(*found)
+    if redemption.status == RedemptionStatus.FULFILLED:
+        return Resolution(redemption_id, "already_fulfilled", redemption.status)
+    if redemption.status != RedemptionStatus.PENDING:
+        return Resolution(redemption_id, "refused", redemption.status, f"redemption_{redemption.status}")
+    if received_at > redemption.hold_expires_at:
+        _void(redemption, status=RedemptionStatus.EXPIRED, reason="hold expired", resolved_by="expiry", now=now)
+        return Resolution(redemption_id, "refused", redemption.status, "hold_expired")
+
+    mg_by_issuer = _mg_by_issuer(redemption)
+    holds = _hold_accounts(redemption.pk, mg_by_issuer)
+    redeemed = accounts_ensure(
+        keys=[AccountKey.redeemed(provider_id=provider_id, issuer_id=issuer_id) for issuer_id in mg_by_issuer]
+    )
+    legs: list[tuple[int, int]] = []
+    for key, account_id in sorted(redeemed.items(), key=lambda item: item[0].issuer_id):
+        legs += [(holds[key.issuer_id], -mg_by_issuer[key.issuer_id]), (account_id, mg_by_issuer[key.issuer_id])]
+    transfers_post(
+        transfers=[
+            TransferSpec(
+                idempotency_key=f"redemption:{redemption.pk}:capture",
+                kind=TransferKind.CAPTURE,
+                legs=legs,
+                metadata={"redemption": redemption.public_id},
+            )
+        ]
+    )
+    redemption.status = RedemptionStatus.FULFILLED
+    redemption.voucher = voucher
+    redemption.resolved_at = now
+    redemption.resolved_by = event_id
+    redemption.save(update_fields=["status", "voucher", "resolved_at", "resolved_by"])
+    obligations_for_redemption(redemption_id=redemption.pk, provider_id=provider_id, mg_by_issuer=mg_by_issuer, at=now)
+    return Resolution(redemption_id, "fulfilled", redemption.status)
+
+
+@transaction.atomic
+def redemption_reject(
+    *, provider_id: int, redemption_id: str, reason: str, event_id: str = "", now: datetime | None = None
+) -> Resolution:
+    """The provider rejected the redemption (``carbon.redemption.rejected``): void it, points back to
+    the lots they came from. Reports like :func:`redemption_fulfil`: ``rejected``, ``already_rejected``
+    for a repeat, ``refused`` for another provider's or an unknown id, or one no longer pending."""
+    now = now or timezone.now()
+    found = _find(provider_id=provider_id, redemption_id=redemption_id)
+    if found is None:
+        return Resolution(redemption_id, "refused", reason="unknown_redemption")
+    redemption = _locked(*found)
+    if redemption.status == RedemptionStatus.REJECTED:
+        return Resolution(redemption_id, "already_rejected", redemption.status)
+    if redemption.status != RedemptionStatus.PENDING:
+        return Resolution(redemption_id, "refused", redemption.status, f"redemption_{redemption.status}")
+    _void(redemption, status=RedemptionStatus.REJECTED, reason=reason, resolved_by=event_id, now=now)
+    return Resolution(redemption_id, "rejected", redemption.status)
+
+
+@transaction.atomic
+def redemption_void(*, redemption: Redemption, reason: str, by: str, now: datetime | None = None) -> Redemption:
+    """An operator voids a pending hold (a provider that never answers, a mistake): points back to their
+    lots, stock back. Raises :class:`RedemptionNotPending` if it was fulfilled or voided meanwhile."""
+    locked = _locked(redemption.pk, redemption.person_id)
+    if locked.status != RedemptionStatus.PENDING:
+        raise RedemptionNotPending(f"Redemption {locked.public_id} is {locked.status}; only a pending one is voided.")
+    _void(
+        locked, status=RedemptionStatus.VOIDED, reason=reason, resolved_by=f"operator:{by}", now=now or timezone.now()
+    )
+    return locked
+
+
+def redemptions_expire(*, now: datetime | None = None, batch_size: int = 200) -> int:
+    """Void every pending hold whose deadline (``hold_expires_at``) has passed, as ``expired``.
+
+    One short transaction per redemption (the locks of :func:`_locked`, the state re-checked under
+    them), so it runs safely beside providers' answers, operators and another run; a hold answered
+    meanwhile is left as answered. Returns how many it voided. Idempotent.
+    """
+    now = now or timezone.now()
+    voided = 0
+    after = 0
+    while True:
+        due = list(
+            Redemption.objects.filter(status=RedemptionStatus.PENDING, hold_expires_at__lte=now, pk__gt=after)
+            .order_by("pk")
+            .values_list("pk", "person_id")[:batch_size]
+        )
+        if not due:
+            return voided
+        for pk, person_id in due:
+            with transaction.atomic():
+                redemption = _locked(pk, person_id)
+                if redemption.status == RedemptionStatus.PENDING and redemption.hold_expires_at <= now:
+                    _void(
+                        redemption,
+                        status=RedemptionStatus.EXPIRED,
+                        reason="hold expired",
+                        resolved_by="expiry",
+                        now=now,
+                    )
+                    voided += 1
+        after = due[-1][0]
+
+
+def _void(redemption: Redemption, *, status: str, reason: str, resolved_by: str, now: datetime) -> None:
+    """Return a pending redemption's points to exactly the lots they came from, in one transfer
+    ``redemption:<id>:void``, and its units to the reward's stock. The caller holds :func:`_locked`'s
+    locks and checked the state. Lots keep their expiry: points back in a lapsed lot are swept by the
+    next expiry run. If the person erased their account meanwhile, the returned points are forfeited
+    with the rest of their wallet (``person_erase`` again, which is idempotent)."""
+    allocations = list(
+        RedemptionAllocation.objects.filter(redemption=redemption)
+        .order_by("lot_id")
+        .values_list("lot_id", "issuer_id", "milligrams")
+    )
+    per_issuer: dict[int, int] = defaultdict(int)
+    for _, issuer_id, milligrams in allocations:
+        per_issuer[issuer_id] += milligrams
+    holds = _hold_accounts(redemption.pk, per_issuer)
+    legs = [(holds[issuer_id], -mg) for issuer_id, mg in sorted(per_issuer.items())]
+    legs += [(lot_id, milligrams) for lot_id, _, milligrams in allocations]
+    transfers_post(
+        transfers=[
+            TransferSpec(
+                idempotency_key=f"redemption:{redemption.pk}:void",
+                kind=TransferKind.VOID,
+                legs=legs,
+                metadata={"redemption": redemption.public_id, "status": status},
+            )
+        ]
+    )
+    Reward.objects.filter(pk=redemption.reward_id, stock__isnull=False).update(stock=F("stock") + redemption.quantity)
+    redemption.status = status
+    redemption.reason = reason[:256]
+    redemption.resolved_at = now
+    redemption.resolved_by = resolved_by[:160]
+    redemption.save(update_fields=["status", "reason", "resolved_at", "resolved_by"])
+    if Person.objects.filter(pk=redemption.person_id, erased_at__isnull=False).exists():
+        person_erase(person=Person.objects.get(pk=redemption.person_id))
