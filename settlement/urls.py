@@ -1,0 +1,8 @@
+from django.urls import path
+
+from settlement import apis
+
+urlpatterns = [
+    path("rewards", apis.RewardListApi.as_view(), name="rewards-list"),
+    path("me/redemptions", apis.RedemptionsApi.as_view(), name="redemptions"),
+]
