@@ -108,8 +108,9 @@ def test_cycles_net_in_order(banks):
     obligations_record(source="one", obligations=[ObligationSpec(banks["A"], banks["B"], 500)], now=T0)
     first = cycle_cut(now=T0 + timedelta(hours=1))
     assert first is not None
-    obligations_record(source="two", obligations=[ObligationSpec(banks["A"], banks["B"], 500)],
-                       now=T0 + timedelta(hours=2))
+    obligations_record(
+        source="two", obligations=[ObligationSpec(banks["A"], banks["B"], 500)], now=T0 + timedelta(hours=2)
+    )
     second = cycle_cut(now=T0 + timedelta(hours=3))
     assert second is not None
     with pytest.raises(CycleOrder):
@@ -130,8 +131,13 @@ def test_transitions_follow_the_lifecycle_and_refuse_the_rest(banks):
     cycle_net(cycle=cycle)
     with pytest.raises(IllegalCycleTransition):
         cycle_net(cycle=cycle)  # netting twice is refused
-    for state in (CycleState.INSTRUCTED, CycleState.FAILED, CycleState.INSTRUCTED, CycleState.SETTLED,
-                  CycleState.RECONCILED):
+    for state in (
+        CycleState.INSTRUCTED,
+        CycleState.FAILED,
+        CycleState.INSTRUCTED,
+        CycleState.SETTLED,
+        CycleState.RECONCILED,
+    ):
         cycle_transition(cycle=cycle, to=state)
     for value in CycleState.values:
         with pytest.raises(IllegalCycleTransition):
@@ -173,7 +179,8 @@ def test_redemption_obligations_at_the_price_in_force(banks):
     SettlementPrice.objects.create(fen_per_thousand_points=12, valid_from=T0 - timedelta(days=1))
     rows = obligations_for_redemption(redemption_id=7, provider_id=d, mg_by_issuer={a: 2_000_000, b: 500_000}, at=T0)
     assert [(o.debtor_id, o.creditor_id, o.amount_minor, o.points_mg) for o in rows] == [
-        (a, d, 24, 2_000_000), (b, d, 6, 500_000)
+        (a, d, 24, 2_000_000),
+        (b, d, 6, 500_000),
     ]
     assert rows[0].price is not None
     assert rows[0].price.fen_per_thousand_points == 12
@@ -191,8 +198,12 @@ def test_digest_is_stable_under_reordering_and_sensitive_to_amounts(banks):
         random.shuffle(shuffled)
         assert statement_digest(shuffled) == digest
     changed = obligations[:]
-    changed[0] = Obligation(**{**{f.attname: getattr(changed[0], f.attname) for f in Obligation._meta.concrete_fields},
-                               "amount_minor": changed[0].amount_minor + 1})
+    changed[0] = Obligation(
+        **{
+            **{f.attname: getattr(changed[0], f.attname) for f in Obligation._meta.concrete_fields},
+            "amount_minor": changed[0].amount_minor + 1,
+        }
+    )
     assert statement_digest(changed) != digest
     mine = cycle_obligations(cycle=cycle, institution_id=banks["A"])
     assert len(mine) == 3 and statement_digest(mine) != digest
