@@ -14,7 +14,12 @@ from clearinghouse.db import array_literal, text_array_literal
 
 pytestmark = pytest.mark.django_db
 
-texts = st.lists(st.one_of(st.none(), st.text(alphabet=st.characters(blacklist_characters="\x00"))), max_size=20)
+# No NUL and no lone surrogates: PostgreSQL text cannot hold the one, UTF-8 cannot encode the other (the intake
+# rejects both before anything is stored).
+texts = st.lists(
+    st.one_of(st.none(), st.text(alphabet=st.characters(blacklist_characters="\x00", blacklist_categories=["Cs"]))),
+    max_size=20,
+)
 
 
 @pytest.mark.skipif(connection.vendor != "postgresql", reason="array literals are PostgreSQL syntax")
