@@ -204,9 +204,12 @@ class Reward(models.Model):
 
     def is_open_at(self, moment: datetime) -> bool:
         """Within the active window at ``moment`` (stock and the provider are checked elsewhere)."""
-        return (self.active_from is None or self.active_from <= moment) and (
-            self.active_until is None or moment < self.active_until
-        )
+        return window_open(self.active_from, self.active_until, moment)
+
+
+def window_open(active_from: datetime | None, active_until: datetime | None, moment: datetime) -> bool:
+    """``active_from <= moment < active_until``, an empty end being open."""
+    return (active_from is None or active_from <= moment) and (active_until is None or moment < active_until)
 
 
 def new_redemption_id() -> str:

@@ -87,28 +87,62 @@ def allocation_points(milligrams_by_institution: dict[str, int], points: int) ->
 
 
 def redemption_json(redemption: Redemption) -> dict[str, Any]:
-    """A redemption as the API shows it (the ``201`` of ``POST /me/redemptions`` and each entry of
-    ``GET /me/redemptions``): ``id``, ``status``, ``reward``, ``provider``, ``quantity``, ``points``,
-    ``allocations`` per institution, the times, and once resolved the ``voucher`` or ``reason``."""
+    """A redemption as the API shows it (each entry of ``GET /me/redemptions``; see :func:`redemption_body`),
+    its allocations read from the prefetch of :func:`redemptions_for_person` when there is one."""
     milligrams: dict[str, int] = defaultdict(int)
-    allocations = list(redemption.allocations.all())  # prefetched by redemptions_for_person
+    allocations = list(redemption.allocations.all())
     missing = {a.issuer_id for a in allocations if not RedemptionAllocation.issuer.is_cached(a)}
     codes = dict(Institution.objects.filter(pk__in=missing).values_list("pk", "code")) if missing else {}
     for allocation in allocations:
         code = codes[allocation.issuer_id] if allocation.issuer_id in codes else allocation.issuer.code  # noqa: SIM401 (.get would load the issuer)
         milligrams[code] += allocation.milligrams
-    assert sum(milligrams.values()) == redemption.points * MG_PER_POINT, "allocations must cover the points"
+    return redemption_body(
+        public_id=redemption.public_id,
+        status=redemption.status,
+        reward=redemption.reward.code,
+        provider=redemption.provider.code,
+        quantity=redemption.quantity,
+        points=redemption.points,
+        milligrams=milligrams,
+        created_at=redemption.created_at,
+        hold_expires_at=redemption.hold_expires_at,
+        resolved_at=redemption.resolved_at,
+        voucher=redemption.voucher,
+        reason=redemption.reason,
+    )
+
+
+def redemption_body(
+    *,
+    public_id: str,
+    status: str,
+    reward: str,
+    provider: str,
+    quantity: int,
+    points: int,
+    milligrams: dict[str, int],
+    created_at: datetime,
+    hold_expires_at: datetime,
+    resolved_at: datetime | None = None,
+    voucher: str = "",
+    reason: str = "",
+) -> dict[str, Any]:
+    """The JSON of a redemption (the ``201`` of ``POST /me/redemptions``, stored as the key's answer, and
+    the entries of ``GET /me/redemptions``): ``id``, ``status``, ``reward`` and ``provider`` codes,
+    ``quantity``, ``points``, ``allocations`` per institution (``milligrams`` is per issuer code), the
+    times, and once resolved the ``voucher`` or ``reason``."""
+    assert sum(milligrams.values()) == points * MG_PER_POINT, "allocations must cover the points"
     return {
-        "id": redemption.public_id,
-        "status": redemption.status,
-        "reward": redemption.reward.code,
-        "provider": redemption.provider.code,
-        "quantity": redemption.quantity,
-        "points": redemption.points,
-        "allocations": allocation_points(milligrams, redemption.points),
-        "created_at": _time(redemption.created_at),
-        "hold_expires_at": _time(redemption.hold_expires_at),
-        "resolved_at": _time(redemption.resolved_at),
-        "voucher": redemption.voucher or None,
-        "reason": redemption.reason or None,
+        "id": public_id,
+        "status": status,
+        "reward": reward,
+        "provider": provider,
+        "quantity": quantity,
+        "points": points,
+        "allocations": allocation_points(milligrams, points),
+        "created_at": _time(created_at),
+        "hold_expires_at": _time(hold_expires_at),
+        "resolved_at": _time(resolved_at),
+        "voucher": voucher or None,
+        "reason": reason or None,
     }

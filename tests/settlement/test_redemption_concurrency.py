@@ -165,8 +165,8 @@ def test_a_hold_that_loses_the_stock_race_leaves_no_redemption_and_no_webhook():
     while time.monotonic() < deadline:
         with observer.cursor() as cursor:
             cursor.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE %s",
-                ['UPDATE "settlement_reward"%'],
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query ~* %s",
+                [r'^\s*UPDATE\s+"?settlement_reward"?\s'],
             )
             if cursor.fetchone()[0]:
                 break
