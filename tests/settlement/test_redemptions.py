@@ -599,3 +599,26 @@ def test_the_list_is_the_persons_own_newest_first(client, provider, wallet):
 
     assert [r["id"] for r in listed["results"]] == ids[::-1]
     assert listed["next"] is None
+
+
+def test_the_beat_task_voids_holds_past_their_deadline(client, provider, wallet, settings):
+    from clearinghouse.celery import app
+    from settlement.tasks import redemptions_expire_due
+
+    _person, token = wallet
+    settings.HUB_REDEMPTION_HOLD_HOURS = 0  # due as soon as it is made
+    make_reward(provider, "coffee", points=30)
+    redeem(client, token)
+    entry = settings.CELERY_BEAT_SCHEDULE["settlement-redemptions-expire"]
+    assert entry["task"] == redemptions_expire_due.name and entry["task"] in app.tasks
+
+    assert redemptions_expire_due.apply().get() == 1
+    assert Redemption.objects.get().status == "expired"
+
+
+def test_the_schema_documents_the_redemption_endpoints(client):
+    schema = client.get("/api/v1/schema/", HTTP_ACCEPT="application/vnd.oai.openapi+json").json()
+    create = schema["paths"]["/api/v1/me/redemptions"]["post"]
+    assert {(p["name"], p["in"], p["required"]) for p in create["parameters"]} >= {("Idempotency-Key", "header", True)}
+    assert {"201", "409", "422"} <= set(create["responses"])
+    assert "get" in schema["paths"]["/api/v1/rewards"]
