@@ -440,7 +440,9 @@ def redemption_request(
     now = now or timezone.now()
     with transaction.atomic():
         if not _request_lock_try(person.pk, key):
-            raise IdempotencyKeyInFlight("A request with this Idempotency-Key is still running; retry shortly.")
+            raise IdempotencyKeyInFlight(
+                "A request with this Idempotency-Key is still running; retry shortly.", headers={"Retry-After": "1"}
+            )
         owners_lock([person_owner(person.pk)])
         stored, _ = _run(
             f"SELECT request_hash, status_code, response FROM {RedemptionRequest._meta.db_table}"  # noqa: S608

@@ -114,7 +114,7 @@ def test_the_same_key_twenty_times_at_once_creates_one_redemption():
     created = [r for r in responses if r.status_code == 201]
     in_flight = [r for r in responses if r.status_code == 409]
     assert created and len(created) + len(in_flight) == 20
-    assert {r.json()["code"] for r in in_flight} <= {"idempotency-key-in-flight"}
+    assert {(r.json()["code"], r["Retry-After"]) for r in in_flight} <= {("idempotency-key-in-flight", "1")}
     first = created[0].json()
     assert all(r.json() == first for r in created)  # the first answer, replayed
     assert first["id"] == Redemption.objects.get().public_id
