@@ -87,19 +87,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--wrk-threads", type=int, default=1, help="wrk threads (one keeps the client to one core)")
     parser.add_argument("--batch-size", type=int, default=500, help="events per request in the batch phase")
     parser.add_argument("--phases", default=",".join(PHASES), help="comma-separated subset of " + ",".join(PHASES))
-    parser.add_argument("--signature", choices=("v1", "v1a", "both"), default="v1",
-                        help="v1 = HMAC-SHA256, v1a = Ed25519, both = one of each in the header")
+    parser.add_argument(
+        "--signature",
+        choices=("v1", "v1a", "both"),
+        default="v1",
+        help="v1 = HMAC-SHA256, v1a = Ed25519, both = one of each in the header",
+    )
     # One process per core (each holds the GIL for its Python work), four threads each to overlap the
     # waits on PostgreSQL and let concurrent requests share a commit; see docs/performance.md.
     parser.add_argument("--workers", type=int, default=2, help="gunicorn worker processes")
     parser.add_argument("--worker-class", default="gthread", help="gunicorn worker class")
     parser.add_argument("--threads", type=int, default=4, help="gunicorn threads per worker (gthread)")
     parser.add_argument("--port", type=int, default=8917)
-    parser.add_argument("--pg-admin-url", default="postgres://postgres@127.0.0.1:5432/postgres",
-                        help="PostgreSQL connection used to drop and create the bench database")
+    parser.add_argument(
+        "--pg-admin-url",
+        default="postgres://postgres@127.0.0.1:5432/postgres",
+        help="PostgreSQL connection used to drop and create the bench database",
+    )
     parser.add_argument("--db-name", default="bench_clearinghouse", help="dropped and recreated on every run")
-    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/15",
-                        help="a Redis database for this run only: flushed before and after")
+    parser.add_argument(
+        "--redis-url",
+        default="redis://127.0.0.1:6379/15",
+        help="a Redis database for this run only: flushed before and after",
+    )
     parser.add_argument("--keep-db", action="store_true", help="leave the bench database in place afterwards")
     parser.add_argument("--no-docs", action="store_true", help=f"do not rewrite {DOCS_FILE.relative_to(ROOT)}")
     parser.add_argument("--label", default="", help="a note printed with the results (for comparing runs)")
@@ -231,8 +241,12 @@ class RequestMaker:
         action, unit = ACTIONS[self.serial % len(ACTIONS)]
         quantity = f"{self.rng.randint(1, 400) / 10:.1f}" if unit == "km" else "1"
         happened = now - timedelta(seconds=self.rng.randint(0, 86_400))
-        data: dict[str, Any] = {"action": action, "quantity": quantity, "unit": unit,
-                                "issuer_points": self.rng.randint(0, 500)}
+        data: dict[str, Any] = {
+            "action": action,
+            "quantity": quantity,
+            "unit": unit,
+            "issuer_points": self.rng.randint(0, 500),
+        }
         if self.serial % 3 == 0:
             data["fingerprint"] = uuid.uuid4().hex
         return {
@@ -356,15 +370,26 @@ class CpuMeter:
 
 def start_server(args: argparse.Namespace, env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
     command = [
-        sys.executable, "-m", "gunicorn", "clearinghouse.wsgi:application",
-        "--bind", f"127.0.0.1:{args.port}",
-        "--workers", str(args.workers),
-        "--worker-class", args.worker_class,
-        "--threads", str(args.threads),
-        "--keep-alive", "30",
-        "--backlog", "2048",
-        "--log-level", "warning",
-        "--chdir", str(ROOT),
+        sys.executable,
+        "-m",
+        "gunicorn",
+        "clearinghouse.wsgi:application",
+        "--bind",
+        f"127.0.0.1:{args.port}",
+        "--workers",
+        str(args.workers),
+        "--worker-class",
+        args.worker_class,
+        "--threads",
+        str(args.threads),
+        "--keep-alive",
+        "30",
+        "--backlog",
+        "2048",
+        "--log-level",
+        "warning",
+        "--chdir",
+        str(ROOT),
     ]
     log = log_path.open("wb")
     server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
@@ -396,14 +421,27 @@ def stop_server(server: subprocess.Popen[bytes]) -> None:
 
 def run_wrk(args: argparse.Namespace, target: str, duration: float) -> dict[str, Any]:
     command = [
-        "wrk", "-t", str(args.wrk_threads), "-c", str(args.clients), "-d", f"{max(1, round(duration))}s",
-        "--timeout", "10s", "--latency", "-s", str(LUA_SCRIPT), f"http://127.0.0.1:{args.port}",
-        "--", target, str(args.wrk_threads),
+        "wrk",
+        "-t",
+        str(args.wrk_threads),
+        "-c",
+        str(args.clients),
+        "-d",
+        f"{max(1, round(duration))}s",
+        "--timeout",
+        "10s",
+        "--latency",
+        "-s",
+        str(LUA_SCRIPT),
+        f"http://127.0.0.1:{args.port}",
+        "--",
+        target,
+        str(args.wrk_threads),
     ]
     completed = subprocess.run(command, capture_output=True, text=True, check=False)
     for line in completed.stdout.splitlines():
         if line.startswith("BENCH_JSON "):
-            return json.loads(line[len("BENCH_JSON "):])
+            return json.loads(line[len("BENCH_JSON ") :])
     raise SystemExit(f"wrk failed ({completed.returncode}):\n{completed.stdout}\n{completed.stderr}")
 
 
@@ -439,8 +477,9 @@ class PhaseResult:
 
 
 class Bench:
-    def __init__(self, args: argparse.Namespace, institution: Institution, server: subprocess.Popen[bytes],
-                 work_dir: Path) -> None:
+    def __init__(
+        self, args: argparse.Namespace, institution: Institution, server: subprocess.Popen[bytes], work_dir: Path
+    ) -> None:
         self.args = args
         self.maker = RequestMaker(institution, f"127.0.0.1:{args.port}", nonce=uuid.uuid4().hex[:10])
         self.meter = CpuMeter(server.pid, args.db_name)
@@ -505,11 +544,15 @@ class Bench:
 def describe(r: PhaseResult) -> str:
     label = "warm-up" if r.repeat == 0 else f"run {r.repeat}"
     cpu = ", ".join(f"{k} {1e6 * v / max(r.completed, 1):.0f}" for k, v in r.cpu_s.items())
-    text = (f"{r.phase:6} {label:7} {r.requests_per_s:8.0f} req/s  p50 {r.p50_ms:6.2f} ms  p99 {r.p99_ms:6.2f} ms"
-            f"  CPU µs/req: {cpu}")
+    text = (
+        f"{r.phase:6} {label:7} {r.requests_per_s:8.0f} req/s  p50 {r.p50_ms:6.2f} ms  p99 {r.p99_ms:6.2f} ms"
+        f"  CPU µs/req: {cpu}"
+    )
     if r.events_per_request:
-        text += (f"  | {r.events_per_s:8.0f} events/s, acknowledged {r.acknowledged_events}, "
-                 f"stored {r.stored_events}, cut off in flight {r.cut_off_requests} req")
+        text += (
+            f"  | {r.events_per_s:8.0f} events/s, acknowledged {r.acknowledged_events}, "
+            f"stored {r.stored_events}, cut off in flight {r.cut_off_requests} req"
+        )
     if r.non_2xx or r.socket_errors:
         text += f"  !! non-2xx {r.non_2xx}, socket errors {r.socket_errors}"
     return text
@@ -566,18 +609,42 @@ def verdicts(summary: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
     out = []
     if "batch" in summary:
         value = summary["batch"]["events_per_s"]
-        out.append(("batch events/s", f">= {TARGETS['batch_events_per_s']:,}", f"{value:,.0f}",
-                    value >= TARGETS["batch_events_per_s"]))
+        out.append(
+            (
+                "batch events/s",
+                f">= {TARGETS['batch_events_per_s']:,}",
+                f"{value:,.0f}",
+                value >= TARGETS["batch_events_per_s"],
+            )
+        )
     if "single_vs_bare" in summary:
         value = summary["single_vs_bare"]
-        out.append(("single req/s vs bare view", f">= {TARGETS['single_vs_bare']:.0%}", f"{value:.0%}",
-                    value >= TARGETS["single_vs_bare"]))
+        out.append(
+            (
+                "single req/s vs bare view",
+                f">= {TARGETS['single_vs_bare']:.0%}",
+                f"{value:.0%}",
+                value >= TARGETS["single_vs_bare"],
+            )
+        )
     if "single" in summary:
         value = summary["single"]["p99_ms"]
-        out.append(("single p99 latency", f"< {TARGETS['single_p99_ms']:.0f} ms", f"{value:.1f} ms",
-                    value < TARGETS["single_p99_ms"]))
-    out.append(("events lost (acknowledged, not stored)", "0", str(summary["lost_events"]),
-                summary["lost_events"] == 0 and summary["unexplained_rows"] == 0))
+        out.append(
+            (
+                "single p99 latency",
+                f"< {TARGETS['single_p99_ms']:.0f} ms",
+                f"{value:.1f} ms",
+                value < TARGETS["single_p99_ms"],
+            )
+        )
+    out.append(
+        (
+            "events lost (acknowledged, not stored)",
+            "0",
+            str(summary["lost_events"]),
+            summary["lost_events"] == 0 and summary["unexplained_rows"] == 0,
+        )
+    )
     return out
 
 
@@ -597,8 +664,11 @@ def machine_note(args: argparse.Namespace) -> str:
         import gunicorn
         import psycopg
 
-        versions += [f"Django {django.get_version()}", f"gunicorn {gunicorn.__version__}",
-                     f"psycopg {psycopg.__version__}"]
+        versions += [
+            f"Django {django.get_version()}",
+            f"gunicorn {gunicorn.__version__}",
+            f"psycopg {psycopg.__version__}",
+        ]
     except ImportError:
         pass
     try:
@@ -613,15 +683,25 @@ def machine_note(args: argparse.Namespace) -> str:
         pass
     wrk_version = subprocess.run(["wrk", "-v"], capture_output=True, text=True, check=False).stdout.split("\n")[0]
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    return (f"{os.cpu_count()} cores ({cpu}), {mem_gb:.0f} GB RAM, {platform.system()} {platform.release()}; "
-            f"Python {platform.python_version()}, {', '.join(versions)}; {wrk_version.split(' [')[0]}; "
-            f"load average at start {load}. Web server, PostgreSQL, Redis and wrk share the same cores.")
+    return (
+        f"{os.cpu_count()} cores ({cpu}), {mem_gb:.0f} GB RAM, {platform.system()} {platform.release()}; "
+        f"Python {platform.python_version()}, {', '.join(versions)}; {wrk_version.split(' [')[0]}; "
+        f"load average at start {load}. Web server, PostgreSQL, Redis and wrk share the same cores."
+    )
 
 
-def render(args: argparse.Namespace, results: list[PhaseResult], summary: dict[str, Any], command: str,
-           started: datetime, machine: str) -> str:
-    server = (f"gunicorn `--worker-class {args.worker_class} --workers {args.workers} --threads {args.threads}"
-              f" --keep-alive 30`, `DJANGO_DEBUG=0`, persistent DB connections (`DB_CONN_MAX_AGE` 60)")
+def render(
+    args: argparse.Namespace,
+    results: list[PhaseResult],
+    summary: dict[str, Any],
+    command: str,
+    started: datetime,
+    machine: str,
+) -> str:
+    server = (
+        f"gunicorn `--worker-class {args.worker_class} --workers {args.workers} --threads {args.threads}"
+        f" --keep-alive 30`, `DJANGO_DEBUG=0`, persistent DB connections (`DB_CONN_MAX_AGE` 60)"
+    )
     lines = [
         MARK_START,
         "",
@@ -640,8 +720,12 @@ def render(args: argparse.Namespace, results: list[PhaseResult], summary: dict[s
         "| PostgreSQL CPU µs/req (bench backends + WAL writer) |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    names = {"bare": "bare Django view (baseline)", "floor": "floor: bare view + one committed INSERT",
-             "single": "single event", "batch": f"batch of {args.batch_size}"}
+    names = {
+        "bare": "bare Django view (baseline)",
+        "floor": "floor: bare view + one committed INSERT",
+        "single": "single event",
+        "batch": f"batch of {args.batch_size}",
+    }
     for phase in PHASES:
         if phase not in summary:
             continue
@@ -733,8 +817,11 @@ def main(argv: list[str] | None = None) -> int:
         machine = machine_note(args)
         print(f"Machine: {machine}", flush=True)
         server = start_server(args, dict(os.environ), work_dir / "gunicorn.log")
-        print(f"gunicorn {args.worker_class} x{args.workers} (threads {args.threads}) on :{args.port}; "
-              f"database {args.db_name}; Redis {args.redis_url}", flush=True)
+        print(
+            f"gunicorn {args.worker_class} x{args.workers} (threads {args.threads}) on :{args.port}; "
+            f"database {args.db_name}; Redis {args.redis_url}",
+            flush=True,
+        )
         bench = Bench(args, institution, server, work_dir)
         if args.warmup > 0:
             for phase in args.phases:
@@ -759,9 +846,20 @@ def main(argv: list[str] | None = None) -> int:
     print(block)
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     raw_path = RESULTS_DIR / f"intake-{started:%Y%m%dT%H%M%SZ}.json"
-    raw_path.write_text(json.dumps(
-        {"command": command, "started": started.isoformat(), "machine": machine, "args": vars(args),
-         "summary": summary, "runs": [asdict(r) for r in results]}, indent=2, default=str))
+    raw_path.write_text(
+        json.dumps(
+            {
+                "command": command,
+                "started": started.isoformat(),
+                "machine": machine,
+                "args": vars(args),
+                "summary": summary,
+                "runs": [asdict(r) for r in results],
+            },
+            indent=2,
+            default=str,
+        )
+    )
     if not args.no_docs:
         write_docs(block)
         print(f"\nWrote {DOCS_FILE.relative_to(ROOT)} and {raw_path.relative_to(ROOT)}")

@@ -79,10 +79,12 @@ def main() -> None:
         assert positions == expected
         return elapsed
 
-    rows.append(("in memory, per obligation (net + instructions)", statistics.median(
-        in_memory() for _ in range(args.repeats))))
-    rows.append(("in memory, aggregate per pair then net", statistics.median(
-        aggregated() for _ in range(args.repeats))))
+    rows.append(
+        ("in memory, per obligation (net + instructions)", statistics.median(in_memory() for _ in range(args.repeats)))
+    )
+    rows.append(
+        ("in memory, aggregate per pair then net", statistics.median(aggregated() for _ in range(args.repeats)))
+    )
 
     if not args.no_db:
         cut, net = database(args, obligations, expected)
@@ -136,8 +138,9 @@ def database(args: argparse.Namespace, obligations: list[tuple[int, int, int]], 
                 " created_at) FROM STDIN"
             ) as copy:
                 for n, (debtor, creditor, amount) in enumerate(obligations):
-                    copy.write_row((f"bench:{n}:{debtor}>{creditor}", debtor, creditor, amount, "CNY", 0,
-                                    f"bench:{n}", start))
+                    copy.write_row(
+                        (f"bench:{n}:{debtor}>{creditor}", debtor, creditor, amount, "CNY", 0, f"bench:{n}", start)
+                    )
             raw.commit()
             cursor.execute("VACUUM ANALYZE settlement_obligation")
         started = time.perf_counter()

@@ -36,9 +36,13 @@ def floor(request: HttpRequest) -> HttpResponse:
     event_id = f"floor-{uuid.uuid4().hex}"
     row = (event_id, "carbon.activity.recorded", "/bench/floor", "0" * 64, "", datetime.now(UTC), _DATA, "0" * 64)
     inserted = intake._insert_rows([(_institution_id[0], event_id, row)])  # no group commit: one per request
-    return HttpResponse(b"ok" if inserted else b"not inserted", status=200 if inserted else 500,
-                        content_type="text/plain")
+    return HttpResponse(
+        b"ok" if inserted else b"not inserted", status=200 if inserted else 500, content_type="text/plain"
+    )
 
 
-urlpatterns = [path("bench/bare", bare, name="bench-bare"), path("bench/floor", floor, name="bench-floor"),
-               *production_urlpatterns]
+urlpatterns = [
+    path("bench/bare", bare, name="bench-bare"),
+    path("bench/floor", floor, name="bench-floor"),
+    *production_urlpatterns,
+]

@@ -86,9 +86,7 @@ def problem_body(status: int, code: str, title: str, detail: str, **extra: Any) 
 
 def problem_response(error: HubError) -> HttpResponse:
     """A plain Django response for code paths that run outside DRF (the intake hot path, 404s)."""
-    response = HttpResponse(
-        json.dumps(error.problem()), status=error.status, content_type=PROBLEM_CONTENT_TYPE
-    )
+    response = HttpResponse(json.dumps(error.problem()), status=error.status, content_type=PROBLEM_CONTENT_TYPE)
     for name, value in error.headers.items():
         response[name] = value
     return response

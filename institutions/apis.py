@@ -23,13 +23,28 @@ from institutions.services import hub_public_keys
 PROBLEM = OpenApiResponse(description="RFC 9457 problem document (application/problem+json).")
 
 _SIGNATURE_HEADERS = [
-    OpenApiParameter("webhook-id", str, OpenApiParameter.HEADER, required=True,
-                     description="Message id (no '.'), stable across the sender's retries."),
-    OpenApiParameter("webhook-timestamp", int, OpenApiParameter.HEADER, required=True,
-                     description="Integer Unix seconds of this attempt; within ±300 s of the hub's clock."),
-    OpenApiParameter("webhook-signature", str, OpenApiParameter.HEADER, required=True,
-                     description="Space-separated `v1,<base64 HMAC-SHA256>` and/or `v1a,<base64 Ed25519>` "
-                                 "over `<webhook-id>.<webhook-timestamp>.<raw body>`."),
+    OpenApiParameter(
+        "webhook-id",
+        str,
+        OpenApiParameter.HEADER,
+        required=True,
+        description="Message id (no '.'), stable across the sender's retries.",
+    ),
+    OpenApiParameter(
+        "webhook-timestamp",
+        int,
+        OpenApiParameter.HEADER,
+        required=True,
+        description="Integer Unix seconds of this attempt; within ±300 s of the hub's clock.",
+    ),
+    OpenApiParameter(
+        "webhook-signature",
+        str,
+        OpenApiParameter.HEADER,
+        required=True,
+        description="Space-separated `v1,<base64 HMAC-SHA256>` and/or `v1a,<base64 Ed25519>` "
+        "over `<webhook-id>.<webhook-timestamp>.<raw body>`.",
+    ),
 ]
 
 _RESULT = inline_serializer(
@@ -76,7 +91,13 @@ class EventIntakeApi(APIView):
         },
         responses={
             202: _INTAKE_RESPONSE,
-            400: PROBLEM, 401: PROBLEM, 413: PROBLEM, 415: PROBLEM, 422: PROBLEM, 429: PROBLEM, 503: PROBLEM,
+            400: PROBLEM,
+            401: PROBLEM,
+            413: PROBLEM,
+            415: PROBLEM,
+            422: PROBLEM,
+            429: PROBLEM,
+            503: PROBLEM,
         },
         examples=[
             OpenApiExample(
@@ -84,8 +105,12 @@ class EventIntakeApi(APIView):
                 request_only=True,
                 media_type=intake.SINGLE,
                 value={
-                    "specversion": "1.0", "id": "evt-1", "source": "/bank/app", "type": "carbon.activity.recorded",
-                    "subject": "cust-42", "time": "2026-11-24T08:00:00Z",
+                    "specversion": "1.0",
+                    "id": "evt-1",
+                    "source": "/bank/app",
+                    "type": "carbon.activity.recorded",
+                    "subject": "cust-42",
+                    "time": "2026-11-24T08:00:00Z",
                     "data": {"action": "metro", "quantity": "12.5", "unit": "km"},
                 },
             )
@@ -174,8 +199,11 @@ class HubKeysApi(APIView):
                 {
                     "keys": inline_serializer(
                         "HubKey",
-                        {"id": serializers.CharField(), "public_key": serializers.CharField(),
-                         "status": serializers.CharField()},
+                        {
+                            "id": serializers.CharField(),
+                            "public_key": serializers.CharField(),
+                            "status": serializers.CharField(),
+                        },
                         many=True,
                     )
                 },
@@ -186,4 +214,3 @@ class HubKeysApi(APIView):
     def get(self, request: Request) -> Response:
         keys = [{"id": k.key_id, "public_key": k.public_key, "status": k.status} for k in hub_public_keys()]
         return Response({"keys": keys})
-

@@ -160,8 +160,9 @@ def _parse_time(value: Any) -> datetime | None:
 _WHITESPACE = re.compile(r"\s")
 # Built once: json.dumps would build an encoder per call, and this runs for every event. Parsed JSON
 # cannot be circular, so the circularity check is skipped; the output is the same either way.
-_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str,
-                              check_circular=False)
+_CANONICAL = json.JSONEncoder(
+    sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str, check_circular=False
+)
 
 
 def content_hash(event: dict[str, Any]) -> str:
@@ -191,7 +192,10 @@ def validate_event(event: dict[str, Any]) -> EventVerdict:
     if source is None:
         errors.append({"field": "source", "code": "missing"})
     elif (
-        not isinstance(source, str) or not source or len(source) > MAX_SOURCE or _WHITESPACE.search(source)
+        not isinstance(source, str)
+        or not source
+        or len(source) > MAX_SOURCE
+        or _WHITESPACE.search(source)
         or not _storable(source)
     ):
         errors.append({"field": "source", "code": "invalid_uri_reference"})

@@ -36,9 +36,7 @@ class Institution(models.Model):
     class Meta:
         ordering = ["code"]
         constraints = [
-            models.CheckConstraint(
-                condition=Q(code__regex=r"^[a-z0-9-]{2,40}$"), name="institution_code_format"
-            ),
+            models.CheckConstraint(condition=Q(code__regex=r"^[a-z0-9-]{2,40}$"), name="institution_code_format"),
         ]
 
     def __str__(self) -> str:
@@ -137,9 +135,7 @@ class InboxEvent(models.Model):
 
     # Every index here is paid on each insert and each status change of a busy table: the FK and
     # subject lookups are served by the unique (institution, event_id) index and by the activities.
-    institution = models.ForeignKey(
-        Institution, on_delete=models.PROTECT, related_name="inbox_events", db_index=False
-    )
+    institution = models.ForeignKey(Institution, on_delete=models.PROTECT, related_name="inbox_events", db_index=False)
     event_id = models.CharField(max_length=128)
     type = models.CharField(max_length=64)
     source = models.CharField(max_length=512)
@@ -165,9 +161,7 @@ class InboxEvent(models.Model):
             models.UniqueConstraint(fields=["institution", "event_id"], name="inbox_unique_event_per_institution"),
         ]
         indexes = [
-            models.Index(
-                fields=["id"], condition=Q(status="received"), name="inbox_claimable"
-            ),
+            models.Index(fields=["id"], condition=Q(status="received"), name="inbox_claimable"),
             # What operators look for; processed rows, the vast majority, stay out of it.
             models.Index(
                 fields=["status", "type"], condition=Q(status__in=["quarantined", "dead"]), name="inbox_needs_attention"
@@ -208,9 +202,7 @@ class OutboxMessage(models.Model):
     class Meta:
         ordering = ["id"]
         indexes = [
-            models.Index(
-                fields=["next_attempt_at"], condition=Q(status__in=["pending", "failed"]), name="outbox_due"
-            ),
+            models.Index(fields=["next_attempt_at"], condition=Q(status__in=["pending", "failed"]), name="outbox_due"),
             models.Index(fields=["status", "type"], condition=Q(status="dead"), name="outbox_dead"),
         ]
 

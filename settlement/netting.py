@@ -138,9 +138,7 @@ def obligations_for_capture(mg_by_issuer: Mapping[Any, int], provider: Any, pric
     ]
 
 
-def instructions(
-    positions: Mapping[Any, int], minimum_minor: int
-) -> tuple[list[Instruction], dict[Any, int]]:
+def instructions(positions: Mapping[Any, int], minimum_minor: int) -> tuple[list[Instruction], dict[Any, int]]:
     """Payment instructions through the hub, and what rolls forward instead.
 
     Each institution with ``|net| >= minimum_minor`` gets exactly one instruction: a net debtor pays

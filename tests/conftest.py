@@ -37,8 +37,14 @@ class Sender:
     def url(self) -> str:
         return f"/api/v1/institutions/{self.code}/events"
 
-    def headers(self, body: bytes, *, versions: tuple[str, ...] = ("v1", "v1a"), msg_id: str | None = None,
-                timestamp: int | None = None) -> dict[str, str]:
+    def headers(
+        self,
+        body: bytes,
+        *,
+        versions: tuple[str, ...] = ("v1", "v1a"),
+        msg_id: str | None = None,
+        timestamp: int | None = None,
+    ) -> dict[str, str]:
         return crypto.webhook_headers(
             body,
             msg_id=msg_id or f"msg_{uuid.uuid4().hex}",
@@ -76,8 +82,15 @@ def activity(event_id: str | None = None, *, subject: str = "cust-1", **data: An
     }
 
 
-def post_events(client: Client, sender: Sender, events: Any, *, content_type: str | None = None,
-                body: bytes | None = None, **header_options: Any) -> Any:
+def post_events(
+    client: Client,
+    sender: Sender,
+    events: Any,
+    *,
+    content_type: str | None = None,
+    body: bytes | None = None,
+    **header_options: Any,
+) -> Any:
     """POST events signed by ``sender``; a list goes as a batch, a dict as one event."""
     if body is None:
         body = json.dumps(events).encode()

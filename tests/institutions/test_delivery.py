@@ -158,7 +158,7 @@ def test_without_hmac_secret_only_v1a_is_sent(receiver: Receiver) -> None:
     Institution.objects.filter(pk=sender.institution.pk).update(endpoint_url=receiver.url)
     _enqueue(sender)
     outbox.deliveries_send(limit=10)
-    (headers, _), = receiver.requests
+    ((headers, _),) = receiver.requests
     assert [part.split(",")[0] for part in headers["webhook-signature"].split()] == ["v1a"]
 
 

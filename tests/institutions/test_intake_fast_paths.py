@@ -52,7 +52,14 @@ def test_a_large_batch_reports_duplicates_and_conflicts_in_order(client, bank):
     response = post_events(client, bank, batch)
 
     assert [r["status"] for r in response.json()["results"]] == [
-        "accepted", "duplicate", "conflict", "duplicate", "accepted", "accepted", "accepted", "accepted"
+        "accepted",
+        "duplicate",
+        "conflict",
+        "duplicate",
+        "accepted",
+        "accepted",
+        "accepted",
+        "accepted",
     ]
     assert InboxEvent.objects.count() == 7
     assert InboxEvent.objects.get(event_id="old-2").data["quantity"] == "12.5"  # the stored row is kept
@@ -183,7 +190,9 @@ def test_the_schema_documents_the_push_endpoint_and_its_signature_headers(client
     headers = {p["name"] for p in operation["parameters"] if p["in"] == "header"}
     assert headers == {"webhook-id", "webhook-timestamp", "webhook-signature"}
     assert set(operation["requestBody"]["content"]) == {
-        "application/cloudevents+json", "application/cloudevents-batch+json", "application/json"
+        "application/cloudevents+json",
+        "application/cloudevents-batch+json",
+        "application/json",
     }
     assert "202" in operation["responses"]
 
@@ -201,8 +210,14 @@ def test_other_methods_on_the_push_endpoint_are_405_problems(client, bank):
 @pytest.mark.django_db
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("id", "e\x001"), ("source", "/app\x00"), ("subject", "cust\x00"), ("subject", "cust\ud800"),
-     ("data.action", "metro\x00"), ("data.action", "metro\udfff")],
+    [
+        ("id", "e\x001"),
+        ("source", "/app\x00"),
+        ("subject", "cust\x00"),
+        ("subject", "cust\ud800"),
+        ("data.action", "metro\x00"),
+        ("data.action", "metro\udfff"),
+    ],
 )
 def test_nul_and_lone_surrogates_are_rejected_not_a_server_error(client, bank, field, value):
     import json
@@ -325,8 +340,12 @@ def test_concurrent_single_events_are_each_stored_once_and_answered_in_full():
         from django.db import connection
 
         try:
-            response = Client().post(sender.url, data=bodies[i], content_type="application/cloudevents+json",
-                                     headers=sender.headers(bodies[i]))
+            response = Client().post(
+                sender.url,
+                data=bodies[i],
+                content_type="application/cloudevents+json",
+                headers=sender.headers(bodies[i]),
+            )
             answers[i] = (response.status_code, response.json()["results"][0]["status"])
         finally:
             connection.close()

@@ -16,7 +16,9 @@ class Command(BaseCommand):
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--now", help="Cut-off instant as ISO 8601 with offset (default: the current time).")
         parser.add_argument(
-            "--minimum-minor", type=int, default=None,
+            "--minimum-minor",
+            type=int,
+            default=None,
             help="Nets under this many minor units roll forward (default: HUB_SETTLEMENT_MIN_MINOR).",
         )
 
