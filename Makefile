@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run test lint types bench-intake bench-ledger bench-books bench-wallet bench-pipeline clean
+.PHONY: run test lint types bench-intake bench-ledger bench-books bench-wallet bench-pipeline bench-redeem clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -57,6 +57,9 @@ bench-wallet: $(VENV)/.installed-dev
 
 bench-pipeline: $(VENV)/.installed-dev
 	$(PY) bench/pipeline.py
+
+bench-redeem: $(VENV)/.installed-dev
+	$(PY) bench/redeem.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

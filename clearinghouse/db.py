@@ -47,3 +47,20 @@ def text_array_literal(values: Iterable[str | None]) -> str:
         + ",".join(["NULL" if v is None else '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"' for v in values])
         + "}"
     )
+
+
+def execute_prepared(sql: str, params: Sequence[Any]) -> Any:
+    """Run ``sql`` on the default connection, in its current transaction, with server-side parameters and
+    a prepared plan that PostgreSQL keeps for the connection: for statements a hot path runs thousands of
+    times a second, whose planning would otherwise cost more than their execution.
+
+    Django binds parameters client-side (its psycopg cursors are ``ClientCursor``s), so PostgreSQL parses
+    and plans every statement afresh. Returns the psycopg cursor (``fetchone``, ``fetchall``, ``rowcount``).
+    PostgreSQL only: callers keep their portable path for SQLite.
+    """
+    import psycopg
+
+    connection.ensure_connection()
+    cursor = psycopg.Cursor(connection.connection)
+    cursor.execute(sql, params, prepare=True)
+    return cursor

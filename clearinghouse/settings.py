@@ -173,6 +173,8 @@ CELERY_BEAT_SCHEDULE = {
     # Seal what was posted into signed Merkle blocks; runs overlapping each other take turns.
     "ledger-blocks-seal": {"task": "ledger.tasks.blocks_seal_recent", "schedule": 5.0},
     # "ledger-lots-expire" (daily, just after local midnight) is added below HUB_STANDARD_TIMEZONE.
+    # Holds a provider did not answer within HUB_REDEMPTION_HOLD_HOURS go back to their lots.
+    "settlement-redemptions-expire": {"task": "settlement.tasks.redemptions_expire_due", "schedule": 60.0},
 }
 
 # --- REST framework and OpenAPI ---------------------------------------------------------------------
@@ -307,3 +309,11 @@ CELERY_BEAT_SCHEDULE["settlement-cycles-watch"] = {
     "task": "settlement.tasks.cycles_watch",
     "schedule": 600.0,
 }
+
+# --- Redemptions ------------------------------------------------------------------------------------
+
+# A held redemption the provider neither fulfils nor rejects within this many hours is voided: its points
+# go back to the lots they came from (the beat task above).
+HUB_REDEMPTION_HOLD_HOURS = env_int("HUB_REDEMPTION_HOLD_HOURS", 48)
+# Units of one reward per request: a bound on what one request may hold, not a business rule.
+HUB_REDEMPTION_MAX_QUANTITY = env_int("HUB_REDEMPTION_MAX_QUANTITY", 100)

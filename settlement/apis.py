@@ -1,25 +1,49 @@
-"""Institution-facing settlement API: statements per cycle, with the institution's bearer token."""
+"""Settlement's API: for institutions, statements per cycle with their bearer token; for persons, the
+reward catalogue and their redemptions.
+
+One small view per operation: parse, call a service or selector, render. Refusals are the services'
+:class:`~clearinghouse.errors.HubError` subclasses, rendered as problem+json; the answer to a redemption
+request is the service's own (status and body), because a repeat of its ``Idempotency-Key`` must get
+the very same answer back.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
+from django.conf import settings
 from django.db.models import QuerySet
+from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import serializers
 from rest_framework.generics import ListAPIView
 from rest_framework.pagination import CursorPagination
-from rest_framework.permissions import IsAuthenticated
+from rest_framework.permissions import AllowAny, IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.response import Response
+from rest_framework.views import APIView
 
-from clearinghouse.errors import NotFound
+from clearinghouse.errors import PROBLEM_CONTENT_TYPE, NotFound
 from institutions.authentication import InstitutionTokenAuthentication
 from institutions.models import Institution
-from settlement.models import ConfirmationStatus, CycleState, InstructionDirection, InstructionState, NetPosition
-from settlement.selectors import statement_positions, statements
-
-PROBLEM = OpenApiResponse(description="RFC 9457 problem document (application/problem+json).")
+from settlement.models import (
+    ConfirmationStatus,
+    CycleState,
+    InstructionDirection,
+    InstructionState,
+    NetPosition,
+    Redemption,
+)
+from settlement.selectors import (
+    redemption_json,
+    redemptions_for_person,
+    reward_json,
+    rewards_catalogue,
+    statement_positions,
+    statements,
+)
+from settlement.services import redemption_request
+from wallets.apis import PROBLEM, PersonApi
 
 
 class ObligationLineOut(serializers.Serializer):
@@ -130,3 +154,127 @@ class SettlementStatementListApi(ListAPIView):
         page = self.paginate_queryset(self.get_queryset())
         assert page is not None  # always paginated
         return self.get_paginated_response(StatementOut(statements(page), many=True).data)
+
+
+IDEMPOTENCY_KEY = OpenApiParameter(
+    "Idempotency-Key",
+    OpenApiTypes.STR,
+    OpenApiParameter.HEADER,
+    required=True,
+    description=(
+        "A unique string per redemption you mean to make (1 to 255 printable ASCII characters, a UUID is "
+        "ideal). The same key with the same body returns the first answer again (header "
+        "`Idempotent-Replayed: true`); with another body it is `422 idempotency-key-reused`; while the first "
+        "request is still running it is `409 idempotency-key-in-flight`."
+    ),
+)
+
+
+class RewardOut(serializers.Serializer):
+    code = serializers.CharField()
+    title = serializers.CharField()
+    provider = serializers.CharField(help_text="The providing institution's code.")
+    points = serializers.IntegerField(help_text="Points per unit.")
+    available = serializers.BooleanField(help_text="Redeemable now: in its window, in stock, provider active.")
+    stock = serializers.IntegerField(allow_null=True, help_text="Units left; null is unlimited.")
+    per_person_limit = serializers.IntegerField(allow_null=True, help_text="Units per person; null is no limit.")
+    active_from = serializers.DateTimeField(allow_null=True)
+    active_until = serializers.DateTimeField(allow_null=True)
+
+
+class RedemptionIn(serializers.Serializer):
+    reward = serializers.CharField(max_length=40, help_text="The reward's code.")
+    quantity = serializers.IntegerField(min_value=1, default=1)
+
+    def validate_quantity(self, value: int) -> int:
+        if value > settings.HUB_REDEMPTION_MAX_QUANTITY:
+            raise serializers.ValidationError(f"At most {settings.HUB_REDEMPTION_MAX_QUANTITY} units per request.")
+        return value
+
+
+class AllocationOut(serializers.Serializer):
+    institution = serializers.CharField(help_text="The issuing institution whose points were taken.")
+    points = serializers.IntegerField(help_text="Whole points; the parts add up to the redemption's points.")
+    grams = serializers.CharField(help_text='Exactly what was taken, in grams with three places: "144.000".')
+
+
+class RedemptionOut(serializers.Serializer):
+    id = serializers.CharField(help_text="Also `redemption_id` in the provider's events.")
+    status = serializers.ChoiceField(choices=Redemption.Status.choices)
+    reward = serializers.CharField()
+    provider = serializers.CharField()
+    quantity = serializers.IntegerField()
+    points = serializers.IntegerField()
+    allocations = AllocationOut(many=True)
+    created_at = serializers.DateTimeField()
+    hold_expires_at = serializers.DateTimeField(help_text="Voided by itself if the provider has not answered by then.")
+    resolved_at = serializers.DateTimeField(allow_null=True)
+    voucher = serializers.CharField(allow_null=True, help_text="From the provider, once fulfilled.")
+    reason = serializers.CharField(allow_null=True, help_text="Why it was rejected or voided.")
+
+
+class RedemptionCursor(CursorPagination):
+    page_size = 50
+    ordering = ("-created_at", "-id")
+
+
+class RewardListApi(APIView):
+    authentication_classes: list[Any] = []
+    permission_classes = [AllowAny]
+
+    @extend_schema(
+        operation_id="rewards_list",
+        summary="The reward catalogue: what points can buy, from which provider",
+        responses={200: RewardOut(many=True)},
+        auth=[],
+    )
+    def get(self, request: Request) -> Response:
+        return Response([reward_json(reward) for reward in rewards_catalogue()])
+
+
+class RedemptionsApi(PersonApi):
+    @extend_schema(
+        operation_id="redemptions_list",
+        summary="The person's redemptions, newest first, 50 a page (follow `next`)",
+        responses={200: RedemptionOut(many=True), 401: PROBLEM, 403: PROBLEM},
+    )
+    def get(self, request: Request) -> Response:
+        paginator = RedemptionCursor()
+        queryset: QuerySet[Redemption] = redemptions_for_person(self.person(request))
+        page = paginator.paginate_queryset(queryset, request, view=self) or []
+        return paginator.get_paginated_response([redemption_json(r) for r in page])
+
+    @extend_schema(
+        operation_id="redemptions_create",
+        summary="Redeem points for a reward: the points are held until the provider fulfils or rejects",
+        parameters=[IDEMPOTENCY_KEY],
+        request=RedemptionIn,
+        responses={
+            201: RedemptionOut,
+            400: PROBLEM,
+            401: PROBLEM,
+            403: PROBLEM,
+            404: OpenApiResponse(description="`reward-not-found` (problem+json)."),
+            409: OpenApiResponse(
+                description="`insufficient-points`, `out-of-stock`, `redemption-limit-reached`, `reward-unavailable`"
+                " or `idempotency-key-in-flight` (problem+json)."
+            ),
+            422: OpenApiResponse(description="`idempotency-key-reused` (problem+json)."),
+        },
+    )
+    def post(self, request: Request) -> Response:
+        person = self.person(request)
+        incoming = RedemptionIn(data=request.data)
+        incoming.is_valid(raise_exception=True)
+        answer = redemption_request(
+            person=person,
+            idempotency_key=request.headers.get("Idempotency-Key"),
+            reward_code=incoming.validated_data["reward"],
+            quantity=incoming.validated_data["quantity"],
+        )
+        response = Response(
+            answer.body, status=answer.status, content_type=PROBLEM_CONTENT_TYPE if answer.status >= 400 else None
+        )
+        if answer.replayed:
+            response["Idempotent-Replayed"] = "true"
+        return response

@@ -28,3 +28,65 @@ class NoPrice(SettlementError):
 
 class CycleOrder(SettlementError):
     code, title = "cycle-order", "Cycles must be cut and netted in order"
+
+
+# --- Rewards and redemptions ----------------------------------------------------------------------------
+
+
+class InvalidReward(SettlementError):
+    status, code, title = 400, "invalid-reward", "Invalid reward"
+
+
+class RewardExists(SettlementError):
+    code, title = "reward-exists", "Reward code taken"
+
+
+class NotAProvider(SettlementError):
+    status, code, title = 400, "not-a-provider", "Not a provider institution"
+
+
+class RedemptionRefused(SettlementError):
+    """A redemption the hub understood and said no to. It is the answer under its ``Idempotency-Key``:
+    the same key gets it again."""
+
+    code, title = "redemption-refused", "Redemption refused"
+
+
+class RewardNotFound(RedemptionRefused):
+    status, code, title = 404, "reward-not-found", "No such reward"
+
+
+class RewardUnavailable(RedemptionRefused):
+    code, title = "reward-unavailable", "Reward not available now"
+
+
+class OutOfStock(RedemptionRefused):
+    code, title = "out-of-stock", "Not enough stock"
+
+
+class RedemptionLimitReached(RedemptionRefused):
+    code, title = "redemption-limit-reached", "Per-person limit reached"
+
+
+class InsufficientPoints(RedemptionRefused):
+    code, title = "insufficient-points", "Insufficient points"
+
+
+class IdempotencyKeyMissing(SettlementError):
+    status, code, title = 400, "idempotency-key-missing", "Idempotency-Key required"
+
+
+class IdempotencyKeyInvalid(SettlementError):
+    status, code, title = 400, "idempotency-key-invalid", "Invalid Idempotency-Key"
+
+
+class IdempotencyKeyReused(SettlementError):
+    status, code, title = 422, "idempotency-key-reused", "Idempotency-Key reused with another request"
+
+
+class IdempotencyKeyInFlight(SettlementError):
+    status, code, title = 409, "idempotency-key-in-flight", "A request with this Idempotency-Key is still running"
+
+
+class RedemptionNotPending(SettlementError):
+    code, title = "redemption-not-pending", "Redemption no longer pending"

@@ -3,6 +3,20 @@
 Money is integer minor units (fen) with a currency code; never floats. Points are the ledger's
 milligrams CO2e (1 point = 1,000 mg).
 
+Spending points (two-phase, DESIGN.md "Ledger"):
+
+    Reward                a provider's offer: ``points`` per unit, optional ``stock`` and per-person
+                          limit, an active window;
+    Redemption            a person's request for a reward: ``pending`` while its points sit in
+                          ``redemption_hold`` accounts, then ``fulfilled`` (captured to ``redeemed``)
+                          or voided back (``rejected``, ``expired``, ``voided``);
+    RedemptionAllocation  where a pending redemption's points came from: one row per wallet lot,
+                          so a void returns every milligram to the very lot it left;
+    RedemptionRequest     the first answer under a person's ``Idempotency-Key``, replayed for repeats.
+
+Each capture records the gross obligations "issuer owes provider" for the points taken from that
+issuer's lots, at the price in force, split by largest remainder (``netting.obligations_for_capture``).
+
     SettlementPrice   the scheme's price, fen per 1,000 points, versioned by ``valid_from``;
     Obligation        one immutable gross obligation: ``debtor`` owes ``creditor`` ``amount_minor``.
                       A null party is the hub itself as central counterparty (carry-forward only);
@@ -28,7 +42,7 @@ A cycle's states, each entered by a real event (``settlement.services``):
 A cycle moves as far as its confirmations justify at once: one with no ``pay`` instruction is settled
 as soon as it is instructed, one with no instruction at all is reconciled.
 
-Invariants (services check them; PostgreSQL enforces the marked ones):
+Invariants (services check them; PostgreSQL enforces what a constraint or trigger can):
     1. an obligation is never edited or deleted; a correction is a new obligation (trigger). The one
        write it takes is being assigned to a cycle at cut-off: ``cycle`` set once, from NULL;
     2. an obligation belongs to at most one cycle, and a cycle past ``cut_off`` gains no obligations;
@@ -37,10 +51,16 @@ Invariants (services check them; PostgreSQL enforces the marked ones):
        not carried forward; nets under the minimum roll forward as a carry-forward obligation with the
        hub, so nothing is lost;
     5. an instruction exists if and only if its webhook does (one transaction); confirmations are only
-       ever added, one per inbox event (unique).
+       ever added, one per inbox event (unique);
+    6. a redemption's allocations sum to its points x 1,000 mg; it leaves ``pending`` once, by exactly
+       one ledger transfer (``redemption:<id>:capture`` or ``:void``), under its row lock;
+    7. a reward's stock counts held and captured units as taken; a void gives them back.
 """
 
 from __future__ import annotations
+
+import secrets
+from datetime import datetime
 
 from django.db import models
 from django.db.models import F, Q
@@ -259,3 +279,159 @@ class Confirmation(models.Model):
 
     def __str__(self) -> str:
         return f"{self.instruction_id} {self.status} {self.reference}"
+
+
+# --- Rewards and redemptions ----------------------------------------------------------------------------
+
+
+class Reward(models.Model):
+    """A reward a provider institution offers: ``points`` per unit, while its window is open."""
+
+    provider = models.ForeignKey("institutions.Institution", on_delete=models.PROTECT, related_name="rewards")
+    code = models.CharField(max_length=40, help_text="[a-z0-9-]{2,40}; persons redeem by it. Unique hub-wide.")
+    title = models.CharField(max_length=200)
+    points = models.PositiveIntegerField(help_text="Points per unit (1 point = 1 g CO2e).")
+    stock = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Units left; empty is unlimited. Held units are taken; a void puts them back."
+    )
+    per_person_limit = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Units one person may have pending or fulfilled; empty is no limit."
+    )
+    active_from = models.DateTimeField(null=True, blank=True, help_text="Empty: from creation.")
+    active_until = models.DateTimeField(null=True, blank=True, help_text="Empty: until further notice.")
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["code"]
+        constraints = [
+            models.UniqueConstraint(fields=["code"], name="settlement_reward_code_unique"),
+            models.CheckConstraint(condition=Q(code__regex=r"^[a-z0-9-]{2,40}$"), name="settlement_reward_code_format"),
+            models.CheckConstraint(condition=Q(points__gt=0), name="settlement_reward_points_positive"),
+            models.CheckConstraint(
+                condition=Q(per_person_limit__isnull=True) | Q(per_person_limit__gt=0),
+                name="settlement_reward_limit_positive",
+            ),
+            models.CheckConstraint(
+                condition=Q(active_from__isnull=True)
+                | Q(active_until__isnull=True)
+                | Q(active_until__gt=F("active_from")),
+                name="settlement_reward_window_ordered",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return self.code
+
+    def is_open_at(self, moment: datetime) -> bool:
+        """Within the active window at ``moment`` (stock and the provider are checked elsewhere)."""
+        return window_open(self.active_from, self.active_until, moment)
+
+
+def window_open(active_from: datetime | None, active_until: datetime | None, moment: datetime) -> bool:
+    """``active_from <= moment < active_until``, an empty end being open."""
+    return (active_from is None or active_from <= moment) and (active_until is None or moment < active_until)
+
+
+def new_redemption_id() -> str:
+    """The id persons and providers see: random, so it tells nothing of volumes or other persons."""
+    return "rdm_" + secrets.token_hex(12)
+
+
+class RedemptionStatus(models.TextChoices):
+    PENDING = "pending", "Pending (points held)"
+    FULFILLED = "fulfilled", "Fulfilled (points captured)"
+    REJECTED = "rejected", "Rejected by the provider (points returned)"
+    EXPIRED = "expired", "Not answered in time (points returned)"
+    VOIDED = "voided", "Voided by an operator (points returned)"
+
+
+class Redemption(models.Model):
+    Status = RedemptionStatus
+
+    public_id = models.CharField(max_length=32, default=new_redemption_id, help_text="The id in the API and events.")
+    person = models.ForeignKey("wallets.Person", on_delete=models.PROTECT, related_name="redemptions", db_index=False)
+    reward = models.ForeignKey(Reward, on_delete=models.PROTECT, related_name="redemptions")
+    provider = models.ForeignKey("institutions.Institution", on_delete=models.PROTECT, related_name="+", db_index=False)
+    quantity = models.PositiveIntegerField()
+    points = models.PositiveBigIntegerField(help_text="reward points x quantity, at the time of the hold.")
+    status = models.CharField(max_length=16, choices=RedemptionStatus.choices, default=RedemptionStatus.PENDING)
+    created_at = models.DateTimeField(default=timezone.now)
+    hold_expires_at = models.DateTimeField(
+        help_text="A hold not fulfilled by then is voided (HUB_REDEMPTION_HOLD_HOURS)."
+    )
+    resolved_at = models.DateTimeField(null=True, blank=True)
+    resolved_by = models.CharField(
+        max_length=160, blank=True, help_text="The provider's event id, 'expiry', or 'operator:<username>'."
+    )
+    voucher = models.CharField(max_length=256, blank=True, help_text="What the provider sent with its fulfilment.")
+    reason = models.CharField(max_length=256, blank=True, help_text="Why it was rejected or voided.")
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["public_id"], name="settlement_redemption_public_id_unique"),
+            models.CheckConstraint(condition=Q(quantity__gt=0), name="settlement_redemption_quantity_positive"),
+            models.CheckConstraint(condition=Q(points__gt=0), name="settlement_redemption_points_positive"),
+            models.CheckConstraint(
+                condition=Q(status__in=RedemptionStatus.values), name="settlement_redemption_status_known"
+            ),
+            models.CheckConstraint(
+                condition=Q(status="pending", resolved_at__isnull=True)
+                | (~Q(status="pending") & Q(resolved_at__isnull=False)),
+                name="settlement_redemption_resolved_once",
+            ),
+        ]
+        indexes = [
+            # GET /me/redemptions, newest first; also the per-person limit's count.
+            models.Index(fields=["person", "created_at"], name="settlement_redemption_person"),
+            # redemptions_expire: the pending holds by deadline.
+            models.Index(fields=["hold_expires_at"], condition=Q(status="pending"), name="settlement_redemption_due"),
+        ]
+
+    def __str__(self) -> str:
+        return self.public_id
+
+
+class RedemptionAllocation(models.Model):
+    """Milligrams a pending redemption took from one wallet lot, kept so a void returns them there."""
+
+    redemption = models.ForeignKey(Redemption, on_delete=models.PROTECT, related_name="allocations", db_index=False)
+    lot = models.ForeignKey("ledger.Account", on_delete=models.PROTECT, related_name="+", db_index=False)
+    issuer = models.ForeignKey("institutions.Institution", on_delete=models.PROTECT, related_name="+", db_index=False)
+    expires_on = models.DateField(help_text="The lot's expiry, as it was when the points were held.")
+    milligrams = models.PositiveBigIntegerField()
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["redemption", "lot"], name="settlement_allocation_one_per_lot"),
+            models.CheckConstraint(condition=Q(milligrams__gt=0), name="settlement_allocation_positive"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.milligrams} mg of lot {self.lot_id} for redemption {self.redemption_id}"
+
+
+class RedemptionRequest(models.Model):
+    """The first answer given to ``POST /me/redemptions`` under a person's ``Idempotency-Key``.
+
+    Written in the transaction that made the answer, so a row exists only for a finished request: a
+    request still running is found by its advisory lock, not by a half-written row (see
+    ``settlement.services.redemption_request``).
+    """
+
+    person = models.ForeignKey("wallets.Person", on_delete=models.CASCADE, related_name="+", db_index=False)
+    key = models.CharField(max_length=255)
+    request_hash = models.CharField(max_length=64, help_text="SHA-256 of the canonical request body.")
+    status_code = models.PositiveSmallIntegerField()
+    response = models.JSONField(help_text="The body answered, replayed as is.")
+    redemption = models.ForeignKey(
+        Redemption, null=True, blank=True, on_delete=models.PROTECT, related_name="+", db_index=False
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["person", "key"], name="settlement_request_one_per_key"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.person_id}:{self.key} -> {self.status_code}"

@@ -1,30 +1,64 @@
-"""Settlement writes: record obligations, cut cycles, net them, instruct them and record confirmations.
+"""Settlement writes: rewards, redemptions (hold, capture, void), obligations, cycles (cut, net,
+instruct) and confirmations.
 
-Every service is ``@transaction.atomic``; the states they move a cycle through are described at the top
-of ``settlement/models.py``.
+Every service is ``@transaction.atomic`` or says which transactions it opens; the states they move a
+cycle through are described at the top of ``settlement/models.py``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import re
 import uuid
 from collections import defaultdict, deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
 from django.conf import settings
-from django.db import transaction
-from django.db.models import Q, Sum
+from django.db import IntegrityError, connection, transaction
+from django.db.models import F, Q, Sum
 from django.utils import timezone
 
+from clearinghouse.db import execute_prepared
+from institutions import crypto
 from institutions.models import Institution, OutboxMessage
 from institutions.outbox import outbox_enqueue, outbox_replay
+from ledger.exceptions import InsufficientBalance
+from ledger.models import Account, AccountKind, TransferKind
+from ledger.services import AccountKey, TransferSpec, accounts_ensure, transfers_post
+from methodology.books import owners_lock, person_owner
 from settlement import netting
-from settlement.exceptions import CycleOrder, IllegalCycleTransition, InvalidObligation, NoPrice, ObligationImmutable
+from settlement.digest import (
+    CARRY_SOURCE_PREFIX,
+    obligation_lines,
+    statement_digest,
+)
+from settlement.exceptions import (
+    CycleOrder,
+    IdempotencyKeyInFlight,
+    IdempotencyKeyInvalid,
+    IdempotencyKeyMissing,
+    IdempotencyKeyReused,
+    IllegalCycleTransition,
+    InsufficientPoints,
+    InvalidObligation,
+    InvalidReward,
+    NoPrice,
+    NotAProvider,
+    ObligationImmutable,
+    OutOfStock,
+    RedemptionLimitReached,
+    RedemptionNotPending,
+    RedemptionRefused,
+    RewardExists,
+    RewardNotFound,
+    RewardUnavailable,
+)
 from settlement.models import (
     CURRENCY,
     Confirmation,
@@ -36,8 +70,19 @@ from settlement.models import (
     InstructionState,
     NetPosition,
     Obligation,
+    Redemption,
+    RedemptionAllocation,
+    RedemptionRequest,
+    RedemptionStatus,
+    Reward,
     SettlementPrice,
+    new_redemption_id,
+    window_open,
 )
+from settlement.selectors import redemption_body
+from wallets.models import Membership, Person
+from wallets.selectors import MG_PER_POINT, standard_today
+from wallets.services import person_erase
 
 logger = logging.getLogger(__name__)
 
@@ -55,68 +100,10 @@ CYCLE_TRANSITIONS: dict[str, frozenset[str]] = {
 }
 
 _TICK = timedelta(microseconds=1)
-# Source of the obligations that carry a net under the minimum into the next cycle.
-CARRY_SOURCE_PREFIX = "carry:"
 
 
 def _party(value: Any) -> str:
     return "hub" if value is None else str(value)
-
-
-def obligation_lines(obligations: Iterable[Obligation]) -> list[dict[str, Any]]:
-    """Obligations in their public form: what a statement lists and what its digest covers.
-
-    Each line is ``{"id", "source", "debtor", "creditor", "amount_minor", "currency"}`` with the parties as
-    institution codes and ``None`` for the hub (no institution code can be empty). One query for the codes.
-    """
-    obligations = list(obligations)
-    party_ids = {p for o in obligations for p in (o.debtor_id, o.creditor_id) if p is not None}
-    codes = dict(Institution.objects.filter(pk__in=party_ids).values_list("pk", "code"))
-    return [
-        {
-            "id": o.pk,
-            "source": o.source,
-            "debtor": None if o.debtor_id is None else codes[o.debtor_id],
-            "creditor": None if o.creditor_id is None else codes[o.creditor_id],
-            "amount_minor": int(o.amount_minor),
-            "currency": o.currency,
-        }
-        for o in obligations
-    ]
-
-
-def obligation_canonical_line(line: Mapping[str, Any]) -> str:
-    """One obligation line (see :func:`obligation_lines`) in the digest's canonical form."""
-    return "|".join(
-        (
-            "" if line["id"] is None else str(line["id"]),
-            line["source"],
-            line["debtor"] or "",
-            line["creditor"] or "",
-            str(int(line["amount_minor"])),
-            line["currency"],
-        )
-    )
-
-
-def statement_digest(obligations: Iterable[Obligation | Mapping[str, Any]]) -> str:
-    """``"sha256:" + hex`` over the gross obligations behind a figure, independent of their order.
-
-    Canonical form: each obligation becomes the line ``id|source|debtor|creditor|amount_minor|currency``
-    (parties as institution codes, empty for the hub; the amount as a base-10 integer; the id empty for
-    an obligation not yet stored), the lines are sorted by their UTF-8 bytes, each ends with ``\\n``, and
-    SHA-256 runs over the concatenation. No field can hold ``|`` or a line break (codes are
-    ``[a-z0-9-]``, sources are refused with them), so the form is unambiguous. An institution holding
-    the lines of its statement recomputes the same digest. Takes stored obligations or their lines.
-    """
-    items = list(obligations)
-    models_ = [o for o in items if isinstance(o, Obligation)]
-    lines = [o for o in items if not isinstance(o, Obligation)] + obligation_lines(models_)
-    encoded = sorted(obligation_canonical_line(line).encode() for line in lines)
-    digest = hashlib.sha256()
-    for line in encoded:
-        digest.update(line + b"\n")
-    return "sha256:" + digest.hexdigest()
 
 
 def price_in_force(*, at: datetime | None = None, currency: str = CURRENCY) -> SettlementPrice:
@@ -604,3 +591,719 @@ def cycle_resend(*, cycle: Cycle) -> int:
     cycle_transition(cycle=cycle, to=CycleState.INSTRUCTED)
     _cycle_advance(cycle)
     return count
+
+
+# --- Rewards ------------------------------------------------------------------------------------------
+
+REWARD_CODE = re.compile(r"^[a-z0-9-]{2,40}$")
+REWARD_TITLE_MAX = 200
+
+
+@transaction.atomic
+def reward_create(
+    *,
+    provider: Institution,
+    code: str,
+    title: str,
+    points: int,
+    stock: int | None = None,
+    per_person_limit: int | None = None,
+    active_from: datetime | None = None,
+    active_until: datetime | None = None,
+) -> Reward:
+    """Add a reward offered by ``provider`` (CONTRACT section 6).
+
+    Raises :class:`NotAProvider` unless the institution is a provider, :class:`InvalidReward` for a
+    code outside ``[a-z0-9-]{2,40}``, an empty title, non-positive points or limit, negative stock or a
+    window that ends before it starts, and :class:`RewardExists` when the code is taken (by any provider:
+    persons redeem by code alone). Changes nothing when it raises.
+    """
+    if not provider.is_provider:
+        raise NotAProvider(f"{provider.code} is not a provider; register it with --provider to offer rewards.")
+    problems = []
+    if not REWARD_CODE.match(code):
+        problems.append("the code must match [a-z0-9-]{2,40}")
+    if not title.strip() or len(title) > REWARD_TITLE_MAX:
+        problems.append(f"the title must be 1 to {REWARD_TITLE_MAX} characters")
+    if isinstance(points, bool) or not isinstance(points, int) or points <= 0:
+        problems.append("points must be a positive integer")
+    if stock is not None and stock < 0:
+        problems.append("stock cannot be negative")
+    if per_person_limit is not None and per_person_limit <= 0:
+        problems.append("the per-person limit must be positive")
+    if active_from is not None and active_until is not None and active_until <= active_from:
+        problems.append("the window must end after it starts")
+    if problems:
+        raise InvalidReward("; ".join(problems).capitalize() + ".")
+    try:
+        with transaction.atomic():
+            return Reward.objects.create(
+                provider=provider,
+                code=code,
+                title=title.strip(),
+                points=points,
+                stock=stock,
+                per_person_limit=per_person_limit,
+                active_from=active_from,
+                active_until=active_until,
+            )
+    except IntegrityError as exc:
+        raise RewardExists(f"The reward code {code!r} is taken.") from exc
+
+
+# --- Redemptions: the request and its Idempotency-Key ----------------------------------------------------
+
+REDEMPTION_REQUESTED = "carbon.redemption.requested"
+IDEMPOTENCY_KEY_MAX = 255
+_KEY_TEXT = re.compile(r"^[\x20-\x7e]+$")
+
+
+@dataclass(frozen=True, slots=True)
+class RedemptionAnswer:
+    """What ``POST /me/redemptions`` answers: a status and a JSON body, the same for every repeat of a key."""
+
+    status: int
+    body: dict[str, Any]
+    replayed: bool = False
+
+
+def idempotency_key_clean(raw: str | None) -> str:
+    """The key as stored: the header's value, without the double quotes of its structured-field form
+    (``"abc"`` and ``abc`` are one key). Raises :class:`IdempotencyKeyMissing` or :class:`IdempotencyKeyInvalid`."""
+    if raw is None or not raw.strip():
+        raise IdempotencyKeyMissing("Send an Idempotency-Key header: a unique string per redemption you mean to make.")
+    key = raw.strip()
+    if len(key) >= 2 and key[0] == key[-1] == '"':
+        key = key[1:-1]
+    if not key or len(key) > IDEMPOTENCY_KEY_MAX or not _KEY_TEXT.match(key):
+        raise IdempotencyKeyInvalid(f"An Idempotency-Key is 1 to {IDEMPOTENCY_KEY_MAX} printable ASCII characters.")
+    return key
+
+
+def redemption_request_hash(*, reward_code: str, quantity: int) -> str:
+    """SHA-256 over the canonical request: what a repeat of the key must match."""
+    canonical = json.dumps({"quantity": quantity, "reward": reward_code}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _request_lock_try(person_id: int, key: str) -> bool:
+    """Take the transaction's advisory lock on (person, key) if free; False while another request holds it.
+
+    SQLite runs one writer at a time, so there no request is ever in flight beside another."""
+    if connection.vendor != "postgresql":
+        return True
+    digest = hashlib.blake2b(f"redemption-request\x00{person_id}\x00{key}".encode(), digest_size=8).digest()
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_try_advisory_xact_lock(%s)", [int.from_bytes(digest, "big", signed=True)])
+        row = cursor.fetchone()
+    return bool(row and row[0])
+
+
+def redemption_request(
+    *, person: Person, idempotency_key: str | None, reward_code: str, quantity: int, now: datetime | None = None
+) -> RedemptionAnswer:
+    """``POST /me/redemptions`` under an ``Idempotency-Key`` (CONTRACT section 4); one transaction.
+
+    - The first request with a key holds the points (as :func:`redemption_hold`) and answers ``201``
+      with the redemption, or answers the refusal (``insufficient-points``, ``out-of-stock``, ...); the
+      answer is stored with the key in the same transaction, so it exists exactly when its effects do.
+    - The same key with the same request (reward and quantity) answers the stored answer again, with
+      ``replayed`` set; with another request it raises :class:`IdempotencyKeyReused` (422).
+    - While a request with the key is still running, another raises :class:`IdempotencyKeyInFlight`
+      (409) at once: each request first tries a transaction-scoped advisory lock on (person, key) and
+      never waits for it. A request that crashed or rolled back left nothing, so its key is free again.
+      The unique (person, key) constraint stands behind the lock.
+
+    Refusals found by the checks, before anything is written, are stored answers. The two a race can
+    cause after the writes began (a lot swept by the expiry job, the last unit of stock taken by a
+    concurrent hold) roll the whole transaction back instead and store nothing: a retry with the key
+    decides afresh. Errors other than refusals store nothing either.
+    """
+    key = idempotency_key_clean(idempotency_key)
+    digest = redemption_request_hash(reward_code=reward_code, quantity=quantity)
+    now = now or timezone.now()
+    with transaction.atomic():
+        if not _request_lock_try(person.pk, key):
+            raise IdempotencyKeyInFlight(
+                "A request with this Idempotency-Key is still running; retry shortly.", headers={"Retry-After": "1"}
+            )
+        owners_lock([person_owner(person.pk)])
+        stored, _ = _run(
+            f"SELECT request_hash, status_code, response FROM {RedemptionRequest._meta.db_table}"  # noqa: S608
+            " WHERE person_id = %s AND key = %s",
+            [person.pk, key],
+        )
+        if stored:
+            ((request_hash, status_code, response),) = stored
+            if request_hash != digest:
+                raise IdempotencyKeyReused(
+                    "This Idempotency-Key was used for another request; use a new key for a new redemption."
+                )
+            body = json.loads(response) if isinstance(response, str) else response
+            return RedemptionAnswer(status=status_code, body=body, replayed=True)
+        try:
+            plan = _hold_plan(person_id=person.pk, reward_code=reward_code, quantity=quantity, now=now)
+        except RedemptionRefused as refusal:  # raised before anything was written
+            answer = RedemptionAnswer(status=refusal.status, body=refusal.problem())
+            RedemptionRequest.objects.create(
+                person_id=person.pk,
+                key=key,
+                request_hash=digest,
+                status_code=answer.status,
+                response=answer.body,
+                created_at=now,
+            )
+            return answer
+        _, body = _hold_write(plan, answer_key=(key, digest))
+        return RedemptionAnswer(status=201, body=body)
+
+
+# --- Redemptions: hold, capture, void ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Lot:
+    account_id: int
+    issuer_id: int
+    issuer_code: str
+    expires_on: date
+    balance: int
+
+
+def spendable_lots(*, person_id: int, today: date) -> tuple[list[_Lot], int]:
+    """The person's live wallet lots with points, soonest-expiring first (then issuer, then account id),
+    and the milligrams they owe back (debts, >= 0). Read under the person's owner lock to be current.
+
+    One query through the ledger's ``ledger_account_person`` index, with the issuers' codes joined in."""
+    rows, _ = _run(
+        f"""SELECT a.id, a.kind, a.issuer_id, i.code, a.expires_on, a.balance
+              FROM {Account._meta.db_table} a JOIN {Institution._meta.db_table} i ON i.id = a.issuer_id
+             WHERE a.person_id = %s
+               AND (a.kind = %s AND a.balance > 0 AND a.expires_on >= %s OR a.kind = %s AND a.balance < 0)""",  # noqa: S608
+        [person_id, str(AccountKind.WALLET_LOT), today, str(AccountKind.DEBT)],
+    )
+    lots: list[_Lot] = []
+    owed = 0
+    for account_id, kind, issuer_id, code, expires_on, balance in rows:
+        if kind == AccountKind.DEBT:
+            owed -= balance
+        else:
+            lots.append(_Lot(account_id, issuer_id, code, expires_on, balance))
+    lots.sort(key=lambda lot: (lot.expires_on, lot.issuer_id, lot.account_id))
+    return lots, owed
+
+
+@dataclass(frozen=True, slots=True)
+class _Offer:
+    """A reward as a hold reads it: with its provider, the person's sealed account id at the provider
+    (None unless linked) and the units of it the person has pending or fulfilled."""
+
+    reward_id: int
+    code: str
+    points: int
+    stock: int | None
+    per_person_limit: int | None
+    active_from: datetime | None
+    active_until: datetime | None
+    provider_id: int
+    provider_code: str
+    provider_active: bool
+    provider_is_provider: bool
+    subject_sealed: str | None
+    units_taken: int
+
+
+def _offer(*, reward_code: str, person_id: int) -> _Offer | None:
+    """One query: the reward, its provider, the person's link there and their units of it so far."""
+    rows, _ = _run(
+        f"""SELECT r.id, r.code, r.points, r.stock, r.per_person_limit, r.active_from, r.active_until,
+                   p.id, p.code, p.status = %s, p.is_provider,
+                   (SELECT m.subject_sealed FROM {Membership._meta.db_table} m
+                     WHERE m.institution_id = p.id AND m.person_id = %s AND m.unlinked_at IS NULL LIMIT 1),
+                   CASE WHEN r.per_person_limit IS NULL THEN 0 ELSE
+                       (SELECT COALESCE(SUM(x.quantity), 0) FROM {Redemption._meta.db_table} x
+                         WHERE x.person_id = %s AND x.reward_id = r.id AND x.status IN (%s, %s)) END
+              FROM {Reward._meta.db_table} r JOIN {Institution._meta.db_table} p ON p.id = r.provider_id
+             WHERE r.code = %s""",  # noqa: S608
+        [
+            str(Institution.Status.ACTIVE),
+            person_id,
+            person_id,
+            str(RedemptionStatus.PENDING),
+            str(RedemptionStatus.FULFILLED),
+            reward_code,
+        ],
+    )
+    if not rows:
+        return None
+    row = list(rows[0])
+    for index in (5, 6):  # SQLite hands raw timestamps back naive (in UTC); PostgreSQL aware
+        if row[index] is not None and timezone.is_naive(row[index]):
+            row[index] = timezone.make_aware(row[index], UTC)
+    return _Offer(*row)
+
+
+@dataclass(frozen=True, slots=True)
+class _HoldPlan:
+    """What a hold will write, decided under the person's owner lock before anything is written."""
+
+    person_id: int
+    offer: _Offer
+    quantity: int
+    points: int
+    taken: list[tuple[_Lot, int]]  # (lot, milligrams), soonest-expiring first
+    now: datetime
+
+
+@transaction.atomic
+def redemption_hold(
+    *, person: Person, reward_code: str, quantity: int, now: datetime | None = None, today: date | None = None
+) -> Redemption:
+    """Hold the points of ``quantity`` units of a reward for ``person``: one transaction, all or nothing.
+
+    Under the person's owner lock (the one crediting, consolidation, reversals and erasure take, so
+    holds and credits of one person run one after the other): checks the reward exists
+    (:class:`RewardNotFound`), is in its window with an active provider (:class:`RewardUnavailable`),
+    has the stock (:class:`OutOfStock`) and is within the person's limit, counting pending and fulfilled
+    units (:class:`RedemptionLimitReached`); then that the person's live wallet lots, less what they owe
+    back after reversals, cover the points (:class:`InsufficientPoints`). Points owed back are not
+    spendable: a debt to any issuer reduces what may be held.
+
+    Takes the points from the lots soonest-expiring first (then by issuer id), moves them in one ledger
+    transfer ``redemption:<id>:hold`` to ``redemption_hold(redemption, issuer)``, records one allocation
+    per lot (account, issuer, expiry, milligrams), writes the ``carbon.redemption.requested`` webhook to
+    the provider in this transaction, and takes the stock last (a conditional ``UPDATE``, so the reward
+    row is locked only from there to the commit). Raises before committing anything otherwise.
+    """
+    owners_lock([person_owner(person.pk)])
+    plan = _hold_plan(person_id=person.pk, reward_code=reward_code, quantity=quantity, now=now, today=today)
+    redemption_id, _ = _hold_write(plan)
+    return Redemption.objects.get(pk=redemption_id)
+
+
+def _hold_plan(
+    *, person_id: int, reward_code: str, quantity: int, now: datetime | None = None, today: date | None = None
+) -> _HoldPlan:
+    """The checks of :func:`redemption_hold`, reading only; the caller holds the person's owner lock."""
+    now = now or timezone.now()
+    today = today or standard_today()
+    if isinstance(quantity, bool) or not isinstance(quantity, int) or quantity <= 0:
+        raise InvalidReward("The quantity must be a positive integer.")
+    offer = _offer(reward_code=reward_code, person_id=person_id)
+    if offer is None:
+        raise RewardNotFound(f"No reward {reward_code!r}.")
+    if not (
+        window_open(offer.active_from, offer.active_until, now) and offer.provider_active and offer.provider_is_provider
+    ):
+        raise RewardUnavailable(f"The reward {offer.code!r} is not offered now.")
+    if offer.stock is not None and offer.stock < quantity:
+        raise OutOfStock(f"Only {offer.stock} of {offer.code!r} left.", stock=offer.stock)
+    if offer.per_person_limit is not None and offer.units_taken + quantity > offer.per_person_limit:
+        raise RedemptionLimitReached(
+            f"At most {offer.per_person_limit} of {offer.code!r} per person; you have {offer.units_taken}.",
+            limit=offer.per_person_limit,
+            taken=offer.units_taken,
+        )
+    points = offer.points * quantity
+    lots, owed = spendable_lots(person_id=person_id, today=today)
+    available = sum(lot.balance for lot in lots) - owed
+    left = points * MG_PER_POINT
+    if left > available:
+        raise InsufficientPoints(
+            f"{points} points are needed; {max(available, 0) // MG_PER_POINT} can be spent.",
+            points=points,
+            available_points=max(available, 0) // MG_PER_POINT,
+        )
+    taken_from: list[tuple[_Lot, int]] = []
+    for lot in lots:
+        if not left:
+            break
+        take = min(lot.balance, left)
+        taken_from.append((lot, take))
+        left -= take
+    return _HoldPlan(person_id, offer, quantity, points, taken_from, now)
+
+
+def _hold_write(plan: _HoldPlan, *, answer_key: tuple[str, str] | None = None) -> tuple[int, dict[str, Any]]:
+    """The writes of :func:`redemption_hold`, in the caller's transaction; ``(redemption pk, its JSON)``.
+
+    With ``answer_key`` (key, request hash) the JSON is also stored as that key's answer. The redemption,
+    its allocations and the answer go in one statement; then the hold accounts and the ledger transfer,
+    the webhook, and the stock. Raises :class:`InsufficientPoints` or :class:`OutOfStock` only when a
+    concurrent change beat it after the checks (a lot swept by the expiry job, the last unit taken);
+    the caller must then roll back what was written.
+    """
+    offer = plan.offer
+    public_id = new_redemption_id()
+    hold_expires_at = plan.now + timedelta(hours=settings.HUB_REDEMPTION_HOLD_HOURS)
+    milligrams: dict[str, int] = defaultdict(int)
+    per_issuer: dict[int, int] = defaultdict(int)
+    for lot, take in plan.taken:
+        milligrams[lot.issuer_code] += take
+        per_issuer[lot.issuer_id] += take
+    body = redemption_body(
+        public_id=public_id,
+        status=RedemptionStatus.PENDING,
+        reward=offer.code,
+        provider=offer.provider_code,
+        quantity=plan.quantity,
+        points=plan.points,
+        milligrams=milligrams,
+        created_at=plan.now,
+        hold_expires_at=hold_expires_at,
+    )
+    redemption_id = _redemption_insert(
+        plan, public_id, hold_expires_at, answer=(*answer_key, body) if answer_key else None
+    )
+    holds = _hold_accounts(redemption_id, per_issuer)
+    legs = [(lot.account_id, -take) for lot, take in plan.taken]
+    legs += [(holds[issuer_id], mg) for issuer_id, mg in sorted(per_issuer.items())]
+    try:
+        transfers_post(
+            transfers=[
+                TransferSpec(
+                    idempotency_key=f"redemption:{redemption_id}:hold",
+                    kind=TransferKind.HOLD,
+                    legs=legs,
+                    metadata={"redemption": public_id},
+                )
+            ]
+        )
+    except InsufficientBalance as exc:  # a lot was swept by the expiry job since it was read
+        raise InsufficientPoints(f"{plan.points} points are needed; some lapsed just now.", points=plan.points) from exc
+    outbox_enqueue(
+        # The provider's columns read with the offer: all the outbox row needs of it is its id.
+        institution=Institution(id=offer.provider_id, code=offer.provider_code, is_provider=True),
+        type=REDEMPTION_REQUESTED,
+        data={
+            "redemption_id": public_id,
+            "reward": offer.code,
+            "points": plan.points,
+            "quantity": plan.quantity,
+            "subject": crypto.unseal(offer.subject_sealed) if offer.subject_sealed else None,
+        },
+    )
+    # The stock last, so the reward row is locked only until the commit; the UPDATE re-checks it.
+    if offer.stock is not None:
+        _, updated = _run(
+            f"UPDATE {Reward._meta.db_table} SET stock = stock - %s WHERE id = %s AND stock >= %s",  # noqa: S608
+            [plan.quantity, offer.reward_id, plan.quantity],
+        )
+        if updated != 1:
+            raise OutOfStock(f"{offer.code!r} ran out just now.", stock=0)
+    return redemption_id, body
+
+
+def _redemption_insert(
+    plan: _HoldPlan, public_id: str, hold_expires_at: datetime, *, answer: tuple[str, str, dict[str, Any]] | None
+) -> int:
+    """Insert the redemption, its allocations and, given ``answer`` (key, request hash, body), the key's
+    stored answer. Returns the redemption's pk. On PostgreSQL one statement, the hot path's."""
+    if connection.vendor != "postgresql":
+        redemption = Redemption.objects.create(
+            public_id=public_id,
+            person_id=plan.person_id,
+            reward_id=plan.offer.reward_id,
+            provider_id=plan.offer.provider_id,
+            quantity=plan.quantity,
+            points=plan.points,
+            created_at=plan.now,
+            hold_expires_at=hold_expires_at,
+        )
+        RedemptionAllocation.objects.bulk_create(
+            RedemptionAllocation(
+                redemption=redemption,
+                lot_id=lot.account_id,
+                issuer_id=lot.issuer_id,
+                expires_on=lot.expires_on,
+                milligrams=take,
+            )
+            for lot, take in plan.taken
+        )
+        if answer is not None:
+            key, request_hash, body = answer
+            RedemptionRequest.objects.create(
+                person_id=plan.person_id,
+                key=key,
+                request_hash=request_hash,
+                status_code=201,
+                response=body,
+                redemption=redemption,
+                created_at=plan.now,
+            )
+        return redemption.pk
+    lots = [lot for lot, _ in plan.taken]
+    params: list[Any] = [
+        public_id,
+        plan.person_id,
+        plan.offer.reward_id,
+        plan.offer.provider_id,
+        plan.quantity,
+        plan.points,
+        str(RedemptionStatus.PENDING),
+        plan.now,
+        hold_expires_at,
+        [lot.account_id for lot in lots],
+        [lot.issuer_id for lot in lots],
+        [lot.expires_on for lot in lots],
+        [take for _, take in plan.taken],
+    ]
+    answered = ""
+    if answer is not None:
+        key, request_hash, body = answer
+        answered = f""", answered AS (
+            INSERT INTO {RedemptionRequest._meta.db_table}
+                   (person_id, key, request_hash, status_code, response, redemption_id, created_at)
+            SELECT %s, %s, %s, 201, %s::jsonb, redemption.id, %s FROM redemption)"""  # noqa: S608
+        params += [plan.person_id, key, request_hash, json.dumps(body), plan.now]
+    ((redemption_id,),), _ = _run(
+        f"""WITH redemption AS (
+                INSERT INTO {Redemption._meta.db_table}
+                       (public_id, person_id, reward_id, provider_id, quantity, points, status, created_at,
+                        hold_expires_at, resolved_by, voucher, reason)
+                VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, '', '', '') RETURNING id
+            ), allocations AS (
+                INSERT INTO {RedemptionAllocation._meta.db_table}
+                       (redemption_id, lot_id, issuer_id, expires_on, milligrams)
+                SELECT redemption.id, u.lot, u.issuer, u.expires_on, u.mg
+                  FROM redemption, unnest(%s::bigint[], %s::bigint[], %s::date[], %s::bigint[])
+                       AS u(lot, issuer, expires_on, mg)
+            ){answered}
+            SELECT id FROM redemption""",  # noqa: S608
+        params,
+    )
+    return int(redemption_id)
+
+
+def _run(sql: str, params: Sequence[Any]) -> tuple[list[tuple[Any, ...]], int]:
+    """Rows and row count of one statement of the hold's hot path: on PostgreSQL with a prepared plan
+    (``clearinghouse.db.execute_prepared``: planning these costs more than running them)."""
+    if connection.vendor == "postgresql":
+        prepared = execute_prepared(sql, params)
+        return (prepared.fetchall() if prepared.description else []), prepared.rowcount
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return (cursor.fetchall() if cursor.description else []), cursor.rowcount
+
+
+def _hold_accounts(redemption_id: int, issuer_ids: Iterable[int]) -> dict[int, int]:
+    """``{issuer id: account id}`` of the redemption's ``redemption_hold`` accounts."""
+    keys = accounts_ensure(
+        keys=[AccountKey.redemption_hold(redemption_id=redemption_id, issuer_id=issuer_id) for issuer_id in issuer_ids]
+    )
+    return {key.issuer_id: account_id for key, account_id in keys.items()}
+
+
+@dataclass(frozen=True, slots=True)
+class Resolution:
+    """What a provider's answer (or the clock, or an operator) did to a redemption: the event's outcome.
+
+    ``result``: ``fulfilled``, ``already_fulfilled``, ``rejected``, ``already_rejected``, ``expired``,
+    ``voided`` or ``refused`` (nothing changed; ``reason`` says why).
+    """
+
+    redemption_id: str
+    result: str
+    status: str | None = None
+    reason: str | None = None
+
+    @property
+    def detail(self) -> dict[str, Any]:
+        return {
+            "redemption_id": self.redemption_id,
+            "result": self.result,
+            "status": self.status,
+            "reason": self.reason,
+        }
+
+
+def _locked(redemption_pk: int, person_id: int) -> Redemption:
+    """Lock for a change of state, in the one order every path takes: the person row (``FOR NO KEY
+    UPDATE``, as erasure takes it first), the person's owner lock, then the redemption row."""
+    Person.objects.select_for_update(no_key=True).filter(pk=person_id).values_list("pk").first()
+    owners_lock([person_owner(person_id)])
+    return Redemption.objects.select_for_update().select_related("reward").get(pk=redemption_pk)
+
+
+def _find(*, provider_id: int, redemption_id: str) -> tuple[int, int] | None:
+    """(pk, person id) of the provider's redemption ``redemption_id``; None also for another provider's,
+    so an institution cannot tell another's redemption ids from unknown ones."""
+    return (
+        Redemption.objects.filter(public_id=redemption_id, provider_id=provider_id)
+        .values_list("pk", "person_id")
+        .first()
+    )
+
+
+def _mg_by_issuer(redemption: Redemption) -> dict[int, int]:
+    totals: dict[int, int] = defaultdict(int)
+    for issuer_id, milligrams in RedemptionAllocation.objects.filter(redemption=redemption).values_list(
+        "issuer_id", "milligrams"
+    ):
+        totals[issuer_id] += milligrams
+    return dict(totals)
+
+
+@transaction.atomic
+def redemption_fulfil(
+    *,
+    provider_id: int,
+    redemption_id: str,
+    voucher: str = "",
+    event_id: str = "",
+    received_at: datetime | None = None,
+    now: datetime | None = None,
+) -> Resolution:
+    """The provider fulfilled the redemption (``carbon.redemption.fulfilled``): capture it.
+
+    Moves the held points to ``redeemed(provider, issuer)`` in one transfer ``redemption:<id>:capture``
+    and records the gross obligations "issuer owes provider" at the price in force ``now``
+    (:func:`obligations_for_redemption`). Never raises for a wrong answer, it reports it:
+    ``refused``/``unknown_redemption`` for an id that is not this provider's (the same for another
+    provider's, so ids cannot be probed), ``already_fulfilled`` for a repeat (idempotent),
+    ``refused``/``redemption_<status>`` after a void. An answer received after the hold's deadline
+    (``received_at``, when the hub stored the event, not when a worker got to it) voids the hold as
+    ``expired`` instead. Raises :class:`NoPrice` if no settlement price is in force (the event retries).
+    """
+    now = now or timezone.now()
+    received_at = received_at or now
+    found = _find(provider_id=provider_id, redemption_id=redemption_id)
+    if found is None:
+        return Resolution(redemption_id, "refused", reason="unknown_redemption")
+    redemption = _locked(*found)
+    if redemption.status == RedemptionStatus.FULFILLED:
+        return Resolution(redemption_id, "already_fulfilled", redemption.status)
+    if redemption.status != RedemptionStatus.PENDING:
+        return Resolution(redemption_id, "refused", redemption.status, f"redemption_{redemption.status}")
+    if received_at > redemption.hold_expires_at:
+        _void(redemption, status=RedemptionStatus.EXPIRED, reason="hold expired", resolved_by="expiry", now=now)
+        return Resolution(redemption_id, "refused", redemption.status, "hold_expired")
+
+    mg_by_issuer = _mg_by_issuer(redemption)
+    holds = _hold_accounts(redemption.pk, mg_by_issuer)
+    redeemed = accounts_ensure(
+        keys=[AccountKey.redeemed(provider_id=provider_id, issuer_id=issuer_id) for issuer_id in mg_by_issuer]
+    )
+    legs: list[tuple[int, int]] = []
+    for key, account_id in sorted(redeemed.items(), key=lambda item: item[0].issuer_id):
+        legs += [(holds[key.issuer_id], -mg_by_issuer[key.issuer_id]), (account_id, mg_by_issuer[key.issuer_id])]
+    transfers_post(
+        transfers=[
+            TransferSpec(
+                idempotency_key=f"redemption:{redemption.pk}:capture",
+                kind=TransferKind.CAPTURE,
+                legs=legs,
+                metadata={"redemption": redemption.public_id},
+            )
+        ]
+    )
+    redemption.status = RedemptionStatus.FULFILLED
+    redemption.voucher = voucher
+    redemption.resolved_at = now
+    redemption.resolved_by = event_id
+    redemption.save(update_fields=["status", "voucher", "resolved_at", "resolved_by"])
+    obligations_for_redemption(redemption_id=redemption.pk, provider_id=provider_id, mg_by_issuer=mg_by_issuer, at=now)
+    return Resolution(redemption_id, "fulfilled", redemption.status)
+
+
+@transaction.atomic
+def redemption_reject(
+    *, provider_id: int, redemption_id: str, reason: str, event_id: str = "", now: datetime | None = None
+) -> Resolution:
+    """The provider rejected the redemption (``carbon.redemption.rejected``): void it, points back to
+    the lots they came from. Reports like :func:`redemption_fulfil`: ``rejected``, ``already_rejected``
+    for a repeat, ``refused`` for another provider's or an unknown id, or one no longer pending."""
+    now = now or timezone.now()
+    found = _find(provider_id=provider_id, redemption_id=redemption_id)
+    if found is None:
+        return Resolution(redemption_id, "refused", reason="unknown_redemption")
+    redemption = _locked(*found)
+    if redemption.status == RedemptionStatus.REJECTED:
+        return Resolution(redemption_id, "already_rejected", redemption.status)
+    if redemption.status != RedemptionStatus.PENDING:
+        return Resolution(redemption_id, "refused", redemption.status, f"redemption_{redemption.status}")
+    _void(redemption, status=RedemptionStatus.REJECTED, reason=reason, resolved_by=event_id, now=now)
+    return Resolution(redemption_id, "rejected", redemption.status)
+
+
+@transaction.atomic
+def redemption_void(*, redemption: Redemption, reason: str, by: str, now: datetime | None = None) -> Redemption:
+    """An operator voids a pending hold (a provider that never answers, a mistake): points back to their
+    lots, stock back. Raises :class:`RedemptionNotPending` if it was fulfilled or voided meanwhile."""
+    locked = _locked(redemption.pk, redemption.person_id)
+    if locked.status != RedemptionStatus.PENDING:
+        raise RedemptionNotPending(f"Redemption {locked.public_id} is {locked.status}; only a pending one is voided.")
+    _void(
+        locked, status=RedemptionStatus.VOIDED, reason=reason, resolved_by=f"operator:{by}", now=now or timezone.now()
+    )
+    return locked
+
+
+def redemptions_expire(*, now: datetime | None = None, batch_size: int = 200) -> int:
+    """Void every pending hold whose deadline (``hold_expires_at``) has passed, as ``expired``.
+
+    One short transaction per redemption (the locks of :func:`_locked`, the state re-checked under
+    them), so it runs safely beside providers' answers, operators and another run; a hold answered
+    meanwhile is left as answered. Returns how many it voided. Idempotent.
+    """
+    now = now or timezone.now()
+    voided = 0
+    after = 0
+    while True:
+        due = list(
+            Redemption.objects.filter(status=RedemptionStatus.PENDING, hold_expires_at__lte=now, pk__gt=after)
+            .order_by("pk")
+            .values_list("pk", "person_id")[:batch_size]
+        )
+        if not due:
+            return voided
+        for pk, person_id in due:
+            with transaction.atomic():
+                redemption = _locked(pk, person_id)
+                if redemption.status == RedemptionStatus.PENDING and redemption.hold_expires_at <= now:
+                    _void(
+                        redemption,
+                        status=RedemptionStatus.EXPIRED,
+                        reason="hold expired",
+                        resolved_by="expiry",
+                        now=now,
+                    )
+                    voided += 1
+        after = due[-1][0]
+
+
+def _void(redemption: Redemption, *, status: str, reason: str, resolved_by: str, now: datetime) -> None:
+    """Return a pending redemption's points to exactly the lots they came from, in one transfer
+    ``redemption:<id>:void``, and its units to the reward's stock. The caller holds :func:`_locked`'s
+    locks and checked the state. Lots keep their expiry: points back in a lapsed lot are swept by the
+    next expiry run. If the person erased their account meanwhile, the returned points are forfeited
+    with the rest of their wallet (``person_erase`` again, which is idempotent)."""
+    allocations = list(
+        RedemptionAllocation.objects.filter(redemption=redemption)
+        .order_by("lot_id")
+        .values_list("lot_id", "issuer_id", "milligrams")
+    )
+    per_issuer: dict[int, int] = defaultdict(int)
+    for _, issuer_id, milligrams in allocations:
+        per_issuer[issuer_id] += milligrams
+    holds = _hold_accounts(redemption.pk, per_issuer)
+    legs = [(holds[issuer_id], -mg) for issuer_id, mg in sorted(per_issuer.items())]
+    legs += [(lot_id, milligrams) for lot_id, _, milligrams in allocations]
+    transfers_post(
+        transfers=[
+            TransferSpec(
+                idempotency_key=f"redemption:{redemption.pk}:void",
+                kind=TransferKind.VOID,
+                legs=legs,
+                metadata={"redemption": redemption.public_id, "status": status},
+            )
+        ]
+    )
+    Reward.objects.filter(pk=redemption.reward_id, stock__isnull=False).update(stock=F("stock") + redemption.quantity)
+    redemption.status = status
+    redemption.reason = reason[:256]
+    redemption.resolved_at = now
+    redemption.resolved_by = resolved_by[:160]
+    redemption.save(update_fields=["status", "reason", "resolved_at", "resolved_by"])
+    if Person.objects.filter(pk=redemption.person_id, erased_at__isnull=False).exists():
+        person_erase(person=Person.objects.get(pk=redemption.person_id))

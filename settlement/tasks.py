@@ -1,4 +1,4 @@
-"""Celery beat tasks of settlement: thin shells around idempotent services, safe to run twice."""
+"""Celery tasks of settlement: thin shells around idempotent services, safe to run twice or at once."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import logging
 
 from celery import shared_task
 
+from settlement import services
 from settlement.services import cycle_run, cycles_fail_undelivered
 
 logger = logging.getLogger(__name__)
@@ -31,3 +32,15 @@ def settlement_run_daily() -> int | None:
 def cycles_watch() -> list[int]:
     """Fail the instructed cycles whose instruction webhooks died undelivered, for the operator to resend."""
     return cycles_fail_undelivered()
+
+
+logger = logging.getLogger(__name__)
+
+
+@shared_task(acks_late=True, ignore_result=True)
+def redemptions_expire_due() -> int:
+    """Beat: void the holds whose provider did not answer in time (``HUB_REDEMPTION_HOLD_HOURS``)."""
+    voided = services.redemptions_expire()
+    if voided:
+        logger.info("redemptions_expire_due: %d holds expired and returned to their lots", voided)
+    return voided

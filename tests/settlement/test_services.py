@@ -12,6 +12,7 @@ from django.db import connection, transaction
 from django.db.utils import DatabaseError
 
 from institutions.models import Institution
+from settlement.digest import obligation_canonical_line, obligation_lines, statement_digest
 from settlement.exceptions import CycleOrder, IllegalCycleTransition, InvalidObligation, ObligationImmutable
 from settlement.models import Cycle, CycleState, NetPosition, Obligation, SettlementPrice
 from settlement.services import (
@@ -20,12 +21,9 @@ from settlement.services import (
     cycle_net,
     cycle_obligations,
     cycle_transition,
-    obligation_canonical_line,
-    obligation_lines,
     obligations_for_redemption,
     obligations_record,
     price_in_force,
-    statement_digest,
 )
 
 pytestmark = pytest.mark.django_db

@@ -1,0 +1,214 @@
+"""Redemptions under real concurrency on PostgreSQL: threads, each with its own database connection."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from django.db import connection, connections, transaction
+from django.test import Client
+
+from institutions.models import OutboxMessage
+from ledger.models import Account, Transfer
+from ledger.selectors import ledger_check
+from settlement.exceptions import OutOfStock
+from settlement.models import Redemption, RedemptionAllocation, RedemptionRequest, Reward
+from settlement.services import redemption_hold, redemption_reject, redemptions_expire
+from tests.conftest import make_sender
+from tests.settlement.conftest import kind_total, lot_balances, make_reward, month_end, redeem
+from tests.wallets.conftest import credit, make_person
+
+pytestmark = [pytest.mark.postgres, pytest.mark.django_db(transaction=True, serialized_rollback=True)]
+
+
+def run_at_once(count: int, work: Callable[[int], Any]) -> list[Any]:
+    """Run ``work(i)`` in ``count`` threads released together; each closes its connection at the end."""
+    results: list[Any] = [None] * count
+    errors: list[BaseException] = []
+    start = threading.Barrier(count)
+
+    def run(i: int) -> None:
+        try:
+            start.wait(30)
+            results[i] = work(i)
+        except BaseException as exc:  # surfaced below, with the thread's own traceback
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not any(thread.is_alive() for thread in threads), "a request hung"
+    if errors:
+        raise errors[0]
+    return results
+
+
+@pytest.fixture(autouse=True)
+def _password_hashing(settings: Any) -> None:
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
+def test_fifty_concurrent_redemptions_against_a_wallet_that_affords_ten():
+    provider = make_sender("coffee-co", provider=True)
+    banks = [make_sender("bank-a").institution, make_sender("bank-b").institution]
+    person, token = make_person("mei")
+    # 100 points in six lots of two issuers and three months; each redemption takes 10.
+    for n, mg in enumerate((7_500, 22_500, 15_000, 25_000, 12_345, 17_655)):
+        credit(person.pk, banks[n % 2].pk, month_end(2 + n // 2), mg)
+    make_reward(provider, "coffee", points=10)
+    lowest: list[int] = []
+    watching = threading.Event()
+
+    def watch() -> None:  # samples the lots while the requests run: none is ever below zero
+        try:
+            while not watching.is_set():
+                lowest.append(min(Account.objects.filter(kind="wallet_lot").values_list("balance", flat=True)))
+                time.sleep(0.002)
+        finally:
+            connection.close()
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        responses = run_at_once(50, lambda i: redeem(Client(), token, "coffee", 1, key=f"order-{i}"))
+    finally:
+        watching.set()
+        watcher.join(10)
+
+    statuses = Counter(r.status_code for r in responses)
+    assert statuses == {201: 10, 409: 40}
+    refused = [r.json() for r in responses if r.status_code == 409]
+    assert {(p["type"], p["code"]) for p in refused} == {("/problems/insufficient-points", "insufficient-points")}
+    assert Redemption.objects.count() == 10 and OutboxMessage.objects.count() == 10
+    assert sum(lot_balances(person.pk).values()) == 0
+    assert kind_total("redemption_hold") == 100_000
+    assert lowest and min(lowest) >= 0
+    assert not Account.objects.filter(kind="wallet_lot", balance__lt=0).exists()
+    # Each hold took exactly 10 points, and the allocations of all of them cover every lot exactly once over.
+    for redemption in Redemption.objects.all():
+        assert sum(redemption.allocations.values_list("milligrams", flat=True)) == 10_000
+    assert sum(RedemptionAllocation.objects.values_list("milligrams", flat=True)) == 100_000
+    assert RedemptionRequest.objects.count() == 50  # every key has its answer
+    assert ledger_check() == []
+
+
+def test_the_same_key_twenty_times_at_once_creates_one_redemption():
+    provider = make_sender("coffee-co", provider=True)
+    bank = make_sender("bank-a").institution
+    person, token = make_person("mei")
+    credit(person.pk, bank.pk, month_end(3), 500_000)
+    make_reward(provider, "coffee", points=10)
+
+    responses = run_at_once(20, lambda i: redeem(Client(), token, "coffee", 1, key="one-order"))
+
+    assert Redemption.objects.count() == 1
+    created = [r for r in responses if r.status_code == 201]
+    in_flight = [r for r in responses if r.status_code == 409]
+    assert created and len(created) + len(in_flight) == 20
+    assert {(r.json()["code"], r["Retry-After"]) for r in in_flight} <= {("idempotency-key-in-flight", "1")}
+    first = created[0].json()
+    assert all(r.json() == first for r in created)  # the first answer, replayed
+    assert first["id"] == Redemption.objects.get().public_id
+    assert sum(lot_balances(person.pk).values()) == 490_000
+    replay = redeem(Client(), token, "coffee", 1, key="one-order")
+    assert (replay.status_code, replay.json(), replay["Idempotent-Replayed"]) == (201, first, "true")
+    assert OutboxMessage.objects.count() == 1
+    assert ledger_check() == []
+
+
+def test_a_hold_that_loses_the_stock_race_leaves_no_redemption_and_no_webhook():
+    """The stock is taken last, by a conditional UPDATE: a hold that finds the stock gone there rolls back
+    whole, its redemption, ledger transfer, allocations and ``carbon.redemption.requested`` row with it."""
+    provider = make_sender("coffee-co", provider=True)
+    bank = make_sender("bank-a").institution
+    person, _ = make_person("mei")
+    credit(person.pk, bank.pk, month_end(3), 50_000)
+    reward = make_reward(provider, "last-mug", points=10, stock=1)
+    before = lot_balances(person.pk)
+    stock_taken, release = threading.Event(), threading.Event()
+    outcome: list[BaseException | Redemption] = []
+
+    def other_buyer() -> None:  # holds the reward row with the last unit taken, until told to commit
+        try:
+            with transaction.atomic():
+                Reward.objects.filter(pk=reward.pk).update(stock=0)
+                stock_taken.set()
+                release.wait(30)
+        finally:
+            connection.close()
+
+    def hold() -> None:
+        try:
+            outcome.append(redemption_hold(person=person, reward_code="last-mug", quantity=1))
+        except OutOfStock as exc:
+            outcome.append(exc)
+        finally:
+            connection.close()
+
+    buyer = threading.Thread(target=other_buyer)
+    buyer.start()
+    assert stock_taken.wait(10)
+    holder = threading.Thread(target=hold)
+    holder.start()
+    # The hold read stock 1 (the other buyer has not committed) and went on; it waits at its stock UPDATE.
+    deadline = time.monotonic() + 15
+    observer = connections["default"]
+    while time.monotonic() < deadline:
+        with observer.cursor() as cursor:
+            cursor.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query ~* %s",
+                [r'^\s*UPDATE\s+"?settlement_reward"?\s'],
+            )
+            if cursor.fetchone()[0]:
+                break
+        time.sleep(0.01)
+    else:
+        pytest.fail("the hold never waited on the reward row")
+    assert OutboxMessage.objects.count() == 0  # its webhook is not visible before its commit either
+    release.set()
+    buyer.join(10)
+    holder.join(10)
+
+    (result,) = outcome
+    assert isinstance(result, OutOfStock)
+    assert not Redemption.objects.exists() and not RedemptionAllocation.objects.exists()
+    assert not OutboxMessage.objects.exists()
+    assert not Transfer.objects.filter(kind="hold").exists()
+    assert lot_balances(person.pk) == before
+    assert Reward.objects.get().stock == 0
+    assert ledger_check() == []
+
+
+def test_a_rejection_racing_the_expiry_sweep_voids_once():
+    provider = make_sender("coffee-co", provider=True)
+    bank = make_sender("bank-a").institution
+    person, _ = make_person("mei")
+    credit(person.pk, bank.pk, month_end(3), 100_000)
+    make_reward(provider, "coffee", points=10)
+    redemptions = [redemption_hold(person=person, reward_code="coffee", quantity=1) for _ in range(8)]
+    after_deadline = max(r.hold_expires_at for r in redemptions)
+
+    def work(i: int) -> Any:
+        if i == 0:
+            return redemptions_expire(now=after_deadline)
+        return redemption_reject(
+            provider_id=provider.institution.pk, redemption_id=redemptions[i - 1].public_id, reason=f"no {uuid.uuid4()}"
+        ).result
+
+    results = run_at_once(9, work)
+
+    expired, rejections = results[0], results[1:]
+    assert expired + rejections.count("rejected") == 8
+    assert set(rejections) <= {"rejected", "refused"}
+    assert Transfer.objects.filter(kind="void").count() == 8
+    assert sum(lot_balances(person.pk).values()) == 100_000 and kind_total("redemption_hold") == 0
+    assert ledger_check() == []
