@@ -304,4 +304,13 @@ def person_export(person: Person) -> dict[str, Any]:
             }
             for a in activities
         ],
+        "redemptions": _redemptions(person),
     }
+
+
+def _redemptions(person: Person) -> list[dict[str, Any]]:
+    """The person's redemptions as ``GET /me/redemptions`` shows them, oldest first."""
+    # Imported here: settlement builds on wallets (its rows name persons), not the other way round.
+    from settlement.selectors import redemption_json, redemptions_for_person
+
+    return [redemption_json(r) for r in reversed(list(redemptions_for_person(person)))]

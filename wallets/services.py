@@ -366,9 +366,10 @@ def person_erase(*, person: Person) -> PersonErased:
       ``forfeit`` transfer per lot, key ``forfeit:<person id>:<account id>`` (if that key was used by an
       earlier erasure and the lot received points since, ``...:after-<last posting id>``). Issuer
       totals therefore still balance (ledger invariant 4).
-    - Memberships (links) and link codes are deleted; link attempts stay for the institutions' failure
-      budgets, detached from the person. The subject's later events find no link and are held for the
-      subject, as for anyone unlinked.
+    - Memberships (links), link codes and the stored answers to the person's redemption requests
+      (their Idempotency-Keys) are deleted; redemptions stay, pseudonymous; link attempts stay for the
+      institutions' failure budgets, detached from the person. The subject's later events find no link
+      and are held for the subject, as for anyone unlinked.
     - The Django user is deleted, and with it its API token; the person can no longer sign in or use
       the token. The person row stays as a bare pseudonym with ``erased_at``, so normalized activities,
       cap usage and ledger amounts stay consistent and pseudonymous under it (``person_id`` unchanged).
@@ -430,6 +431,11 @@ def person_erase(*, person: Person) -> PersonErased:
 
     LinkAttempt.objects.filter(person=person).update(person=None)
     links_deleted, _ = Membership.objects.filter(person=person).delete()
+    # The answers kept for the person's Idempotency-Keys: the person can make no request any more, so
+    # nothing will replay them. The redemptions themselves stay, pseudonymous, with the books.
+    from settlement.models import RedemptionRequest  # settlement builds on wallets, not the reverse
+
+    RedemptionRequest.objects.filter(person=person).delete()
     user_id = person.user_id
     if person.erased_at is None:
         person.erased_at = now

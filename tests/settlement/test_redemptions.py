@@ -622,3 +622,27 @@ def test_the_schema_documents_the_redemption_endpoints(client):
     assert {(p["name"], p["in"], p["required"]) for p in create["parameters"]} >= {("Idempotency-Key", "header", True)}
     assert {"201", "409", "422"} <= set(create["responses"])
     assert "get" in schema["paths"]["/api/v1/rewards"]
+
+
+def test_the_export_lists_the_persons_redemptions(client, provider, wallet):
+    _person, token = wallet
+    make_reward(provider, "coffee", points=5)
+    first, second = (redeem(client, token).json() for _ in range(2))
+
+    exported = client.get("/api/v1/me/export", headers=auth(token)).json()
+
+    listed = client.get("/api/v1/me/redemptions", headers=auth(token)).json()["results"]
+    assert [r["id"] for r in exported["redemptions"]] == [first["id"], second["id"]]  # oldest first
+    assert exported["redemptions"] == listed[::-1]
+
+
+def test_erasure_deletes_the_answers_kept_for_the_persons_keys_and_keeps_the_redemptions(client, provider, wallet):
+    person, token = wallet
+    make_reward(provider, "coffee", points=5)
+    redeem(client, token, key="k-1")
+    assert RedemptionRequest.objects.filter(person=person).count() == 1
+
+    person_erase(person=person)
+
+    assert not RedemptionRequest.objects.filter(person=person).exists()
+    assert Redemption.objects.filter(person=person).count() == 1
