@@ -1,11 +1,14 @@
 """The demo's stories: the unified standard, a person linking accounts, a capped day, an act reported
-twice and an action the standard does not know.
+twice, a pooled wallet, an action the standard does not know, a redemption the pooled balance pays and
+a settlement cycle.
 
 Each story sends its events one at a time through the real intake (order matters: caps and duplicate
 checks depend on what came before), follows each with ``GET /api/v1/institutions/{code}/events/{id}``
 and the institution's token until the hub has handled it, prints what came back and checks it. The
 grams and points a story expects are worked out from the published standard
 (``GET /api/v1/standard/scenarios``), so the stories check the hub against its own published figures.
+The last two stories also wait for the demo receiver's answers to the hub's webhooks, and check the
+settlement statements by recomputing their digests from their lines as an institution would.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""``manage.py demo_setup``: demo institutions and an admin, with their secrets saved for the demo sender."""
+"""``manage.py demo_setup``: demo institutions, the provider's rewards and an admin, with their secrets saved
+for the demo sender and each institution's endpoint on the demo receiver."""
 
 from __future__ import annotations
 
@@ -123,7 +124,9 @@ def _entry_still_valid(institution: Institution, entry: dict[str, Any], spec: De
 class Command(BaseCommand):
     help = (
         "Register the demo institutions (three issuers and one reward provider, covering HMAC, Ed25519 "
-        "and both) and an 'admin' superuser, through the same services as institution_register. "
+        "and both) and an 'admin' superuser, through the same services as institution_register; give the "
+        "provider its rewards (through reward_create) and every demo institution an endpoint on the demo "
+        "receiver that demo_traffic runs (--receiver-url). "
         "Because the hub shows secrets only once, what the demo sender needs is saved to "
         f"VAR_DIR/{CREDENTIALS_FILENAME} (mode 600). Idempotent: existing institutions and the file are "
         "kept; institutions whose saved secrets are missing or stale get fresh credentials rotated in."

@@ -4,7 +4,9 @@ It is a client, like an institution's own sender: it talks to the hub only over 
 :func:`institutions.crypto.webhook_headers`, the same code the hub verifies with. The secrets come
 from the file ``demo_setup`` writes, because the hub shows them only once. After the bulk traffic,
 :mod:`institutions.demo.stories` tells the stories of the unified standard and of a person's linked
-accounts, event by event.
+accounts, event by event, then a redemption and a settlement cycle, with the demo receiver
+(:mod:`institutions.demo.receiver`) answering the hub's webhooks as the institutions would. To run the
+cycle it acts as the operator and calls the settlement service directly: it shares the hub's database.
 """
 
 from __future__ import annotations
@@ -122,12 +124,16 @@ class Command(BaseCommand):
         "intake: single and batch CloudEvents requests, v1 (HMAC) and v1a (Ed25519) signatures, activity "
         "events for metro rides, walking, clean-plate check-ins, e-bills and more, plus three deliberate "
         "cases: a duplicate resend, an event reusing an id with other content (conflict) and an event "
-        "with a field outside the contract (rejected). Then tell five stories event by event, each event "
+        "with a field outside the contract (rejected). Then tell eight stories event by event, each event "
         "followed with GET /api/v1/institutions/{code}/events/{id}: the unified standard measuring acts "
         "reported in other units (m, Wh, steps, check-ins); a new person (demo-person-<run>, signed up "
         "through the person API) whose bank reports for them before and after they link it with a link "
         "code; a capped day of clean-plate check-ins across two institutions; one act reported twice "
-        "(the same fingerprint, credited once); an unknown action, quarantined. Exits non-zero when the "
+        "(the same fingerprint, credited once); an unknown action, quarantined; a redemption that only "
+        "the pooled balance of three issuers pays, fulfilled by the provider; a settlement cycle, its "
+        "instructions confirmed and its statements checked. Meanwhile it runs the demo receiver at the URL "
+        "demo_setup registered as every demo institution's endpoint (loopback: needs "
+        "HUB_ALLOW_PRIVATE_ENDPOINTS=1 for the hub and for this command). Exits non-zero when the "
         "hub cannot be reached, a request fails (401, 5xx or any other answer but 202), or a result or a "
         "story's outcome differs from what the demo expects."
     )
