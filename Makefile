@@ -4,6 +4,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 8000
+RECEIVER_PORT ?= 8001
+# The demo's receiver (run by demo_traffic) plays every demo institution's endpoint on loopback: only
+# the demo's hub may deliver there. Production keeps the default (off).
+DEMO_ENV := HUB_ALLOW_PRIVATE_ENDPOINTS=1
 
 .PHONY: run test lint types bench-intake bench-ledger bench-books bench-wallet bench-pipeline bench-redeem clean
 
@@ -22,10 +26,10 @@ $(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
 ## Set up, migrate, load demo institutions, start the hub and push signed demo traffic through it.
 run: $(VENV)/.installed
 	$(PY) manage.py migrate --noinput
-	$(PY) manage.py demo_setup
-	@$(PY) manage.py runserver $(HOST):$(PORT) --noreload --skip-checks & \
+	$(PY) manage.py demo_setup --receiver-url http://$(HOST):$(RECEIVER_PORT)
+	@$(DEMO_ENV) $(PY) manage.py runserver $(HOST):$(PORT) --noreload --skip-checks & \
 	  hub=$$!; trap 'kill $$hub 2>/dev/null' EXIT INT TERM; \
-	  $(PY) manage.py demo_traffic --url http://$(HOST):$(PORT) --wait 60 || exit 1; \
+	  $(DEMO_ENV) $(PY) manage.py demo_traffic --url http://$(HOST):$(PORT) --wait 60 || exit 1; \
 	  echo ""; \
 	  echo "The hub is running at http://$(HOST):$(PORT)/ (admin /admin/, API docs /api/v1/docs/). Ctrl-C stops it."; \
 	  wait $$hub

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import time
 import uuid
 from collections.abc import Iterator
@@ -100,6 +101,23 @@ def post_events(
         )
     headers = sender.headers(body, **header_options)
     return client.post(sender.url, data=body, content_type=content_type, headers=headers)
+
+
+@pytest.fixture(scope="session")
+def django_db_modify_db_settings(django_db_modify_db_settings_parallel_suffix: None) -> None:
+    """On SQLite, a test database in a file, as the embedded hub has, not in memory.
+
+    An in-memory database is one connection that Django shares between the test and every thread of
+    the live server; requests running at once (the demo receiver answers a webhook while the request
+    that sent it is still finishing) would interleave their transactions on it. With a file each
+    thread has its own connection and SQLite serializes the writers, as under ``make run``.
+    """
+    from django.conf import settings
+
+    database = settings.DATABASES["default"]
+    if database["ENGINE"] == "django.db.backends.sqlite3":
+        name = f"test-{os.getpid()}.sqlite3"
+        database.setdefault("TEST", {})["NAME"] = str(settings.VAR_DIR / name)
 
 
 @pytest.fixture(autouse=True)

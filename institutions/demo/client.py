@@ -103,9 +103,17 @@ class Hub:
         finally:
             connection.close()
 
-    def call(self, method: str, path: str, *, payload: Any = None, authorization: str = "") -> Answer:
+    def call(
+        self,
+        method: str,
+        path: str,
+        *,
+        payload: Any = None,
+        authorization: str = "",
+        headers: dict[str, str] | None = None,
+    ) -> Answer:
         """A JSON API call (a person's or an institution's back office); raises :class:`OSError`."""
-        headers = {"Accept": "application/json"}
+        headers = {"Accept": "application/json", **(headers or {})}
         body = None
         if payload is not None:
             body = json.dumps(payload).encode()

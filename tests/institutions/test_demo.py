@@ -5,36 +5,55 @@ from __future__ import annotations
 import json
 import socket
 import stat
+import time
 from decimal import Decimal
 from io import StringIO
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from django.contrib.auth.models import User
 from django.core.management import CommandError, call_command
 from django.db.models import QuerySet
 
 from institutions import crypto
-from institutions.management.commands.demo_setup import DEMO_INSTITUTIONS
-from institutions.models import Credential, InboxEvent, Institution
-from institutions.services import institution_set_status
+from institutions.demo.client import Hub, Sender
+from institutions.demo.receiver import DemoReceiver
+from institutions.demo.stories import POOLED_REWARD, _statement_problems, statement_digest
+from institutions.management.commands.demo_setup import DEMO_INSTITUTIONS, DEMO_REWARDS, PROVIDER
+from institutions.models import Credential, InboxEvent, Institution, OutboxMessage
+from institutions.services import hub_public_keys, hub_signing_key, institution_set_status
 from methodology.models import ActionMapping, NormalizedActivity, Scenario
 from methodology.services import standard_changed
+from settlement.models import Confirmation, Cycle, Instruction, Obligation, Redemption, Reward
+from settlement.selectors import statements
 from wallets.models import Membership, Person
 
 EAST, WEST, METRO = "demo-bank-east", "demo-pay-west", "demo-metro-card"
 
 
-def setup(tmp_path: Path) -> tuple[str, dict]:
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup(tmp_path: Path, receiver_url: str = "http://127.0.0.1:8001") -> tuple[str, dict]:
     out = StringIO()
-    call_command("demo_setup", stdout=out)
+    call_command("demo_setup", receiver_url=receiver_url, stdout=out)
     return out.getvalue(), json.loads((tmp_path / "demo-credentials.json").read_text())
 
 
 @pytest.fixture
 def var_dir(settings, tmp_path: Path) -> Path:
     settings.VAR_DIR = tmp_path
+    settings.HUB_ALLOW_PRIVATE_ENDPOINTS = True  # the demo receiver is on loopback, as `make run` allows
     return tmp_path
+
+
+@pytest.fixture
+def receiver_url() -> str:
+    return f"http://127.0.0.1:{free_port()}"
 
 
 def snapshot() -> tuple:
@@ -116,12 +135,6 @@ def test_demo_setup_replaces_saved_secrets_the_hub_does_not_know(var_dir):
     assert second["institutions"]["demo-pay-west"] == first["institutions"]["demo-pay-west"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_demo_traffic_says_so_when_the_hub_cannot_be_reached(settings, tmp_path):
     settings.VAR_DIR = tmp_path
     (tmp_path / "demo-credentials.json").write_text(
@@ -148,8 +161,8 @@ def story_activities(key: str) -> QuerySet[NormalizedActivity]:
 
 
 @pytest.mark.django_db(transaction=True)
-def test_demo_traffic_pushes_signed_events_through_a_live_hub(var_dir, live_server):
-    setup(var_dir)
+def test_demo_traffic_pushes_signed_events_through_a_live_hub(var_dir, live_server, receiver_url):
+    setup(var_dir, receiver_url)
     out, err = StringIO(), StringIO()
     call_command("demo_traffic", url=live_server.url, wait=5, events=40, seed=3, stdout=out, stderr=err)
     printed = out.getvalue()
@@ -174,7 +187,7 @@ def test_demo_traffic_pushes_signed_events_through_a_live_hub(var_dir, live_serv
     assert "total" in printed and "202x" in printed
     assert "requests" in err.getvalue()  # the progress bar
     stories = ("1. One standard", "2. A person links", "3. A capped day", "4. One act, two reports", "5. One pooled")
-    for story in (*stories, "6. An action"):
+    for story in (*stories, "6. An action", "7. Small balances pool past a reward's price", "8. Settlement"):
         assert story in printed
     assert "cap_reached" in printed and "duplicate_act" in printed and "quarantined" in printed
 
@@ -183,6 +196,44 @@ def test_demo_traffic_pushes_signed_events_through_a_live_hub(var_dir, live_serv
     assert_capped_day(person)
     assert_act_reported_twice_is_credited_once(person)
     assert_unknown_action_quarantined()
+    assert_pooled_redemption_fulfilled_by_the_provider(person)
+    assert_cycle_instructed_confirmed_and_reconciled()
+    assert "insufficient-points" in printed and "the same Idempotency-Key again" in printed
+    assert "minimum of 1 fen" in printed and "reconciled" in printed
+
+
+def assert_pooled_redemption_fulfilled_by_the_provider(person: Person) -> None:
+    (redemption,) = Redemption.objects.filter(person=person)
+    assert (redemption.reward.code, redemption.status, redemption.points) == (POOLED_REWARD, "fulfilled", 950)
+    assert redemption.voucher.startswith("DEMO-")
+    issuers = set(redemption.allocations.values_list("issuer__code", flat=True))
+    assert issuers == {EAST, WEST, METRO}  # only the pool of all three reached the price
+    # The provider fulfilled through the intake, answering the hub's signed webhook, which it got once.
+    fulfilled = InboxEvent.objects.get(type="carbon.redemption.fulfilled")
+    assert (fulfilled.institution.code, fulfilled.status, fulfilled.data["redemption_id"]) == (
+        PROVIDER,
+        "processed",
+        redemption.public_id,
+    )
+    requested = OutboxMessage.objects.get(type="carbon.redemption.requested")
+    assert (requested.institution.code, requested.status, requested.attempts) == (PROVIDER, "delivered", 1)
+    # The unaffordable reward was refused: nothing held for it.
+    assert not Redemption.objects.exclude(pk=redemption.pk).exists()
+
+
+def assert_cycle_instructed_confirmed_and_reconciled() -> None:
+    (cycle,) = Cycle.objects.all()
+    assert cycle.state == "reconciled"
+    assert not Obligation.objects.filter(cycle__isnull=True).exists()  # a minimum of 1 fen carried nothing
+    instructions = Instruction.objects.filter(cycle=cycle).select_related("institution", "message")
+    by_code = {i.institution.code: i for i in instructions}
+    assert set(by_code) == {EAST, WEST, METRO, PROVIDER}
+    assert by_code[PROVIDER].direction == "receive" and by_code[PROVIDER].state == "received"
+    assert {by_code[c].direction for c in (EAST, WEST, METRO)} == {"pay"}
+    assert {by_code[c].state for c in (EAST, WEST, METRO)} == {"paid"}
+    assert by_code[PROVIDER].amount_minor == sum(by_code[c].amount_minor for c in (EAST, WEST, METRO))
+    assert all(i.message is not None and i.message.status == "delivered" for i in instructions)
+    assert Confirmation.objects.filter(instruction__cycle=cycle, reference__startswith="DEMO-BANK-").count() == 4
 
 
 def assert_units_measured_in_the_scenarios_units() -> None:
@@ -263,8 +314,8 @@ def assert_unknown_action_quarantined() -> None:
 
 
 @pytest.mark.django_db(transaction=True)
-def test_demo_traffic_fails_when_a_story_ends_otherwise(var_dir, live_server):
-    setup(var_dir)
+def test_demo_traffic_fails_when_a_story_ends_otherwise(var_dir, live_server, receiver_url):
+    setup(var_dir, receiver_url)
     # An operator maps the action the demo expects to be unknown: its story no longer ends quarantined.
     ActionMapping.objects.create(
         institution=Institution.objects.get(code="demo-metro-card"),
@@ -279,10 +330,130 @@ def test_demo_traffic_fails_when_a_story_ends_otherwise(var_dir, live_server):
 
 
 @pytest.mark.django_db(transaction=True)
-def test_demo_traffic_fails_when_the_hub_refuses_a_request(var_dir, live_server):
-    setup(var_dir)
+def test_demo_traffic_fails_when_the_hub_refuses_a_request(var_dir, live_server, receiver_url):
+    setup(var_dir, receiver_url)
     institution_set_status(institution=Institution.objects.get(code="demo-pay-west"), status="suspended")
     with pytest.raises(CommandError, match="401"):
         call_command(
             "demo_traffic", url=live_server.url, wait=5, events=9, seed=1, stdout=StringIO(), stderr=StringIO()
         )
+
+
+@pytest.mark.django_db
+def test_demo_setup_gives_the_provider_its_rewards_and_every_institution_the_receiver(var_dir):
+    printed, saved = setup(var_dir, "http://127.0.0.1:8123")
+    assert saved["receiver_url"] == "http://127.0.0.1:8123"
+    for spec in DEMO_INSTITUTIONS:
+        assert Institution.objects.get(code=spec.code).endpoint_url == f"http://127.0.0.1:8123/hooks/{spec.code}"
+    rewards = set(Reward.objects.values_list("provider__code", "code", "points"))
+    assert rewards == {(PROVIDER, reward.code, reward.points) for reward in DEMO_REWARDS}
+    assert "created    reward demo-tote-bag" in printed
+
+    # Again, elsewhere: the endpoints follow the receiver; the rewards are kept as they are.
+    Reward.objects.filter(code=POOLED_REWARD).update(points=990)
+    printed, saved = setup(var_dir, "http://127.0.0.1:8124")
+    assert saved["receiver_url"] == "http://127.0.0.1:8124"
+    assert Institution.objects.get(code=EAST).endpoint_url == "http://127.0.0.1:8124/hooks/demo-bank-east"
+    assert Reward.objects.count() == len(DEMO_REWARDS) and Reward.objects.get(code=POOLED_REWARD).points == 990
+    assert "kept       reward demo-tote-bag" in printed
+
+
+@pytest.mark.django_db(transaction=True)
+def test_demo_traffic_refuses_to_start_when_the_hub_may_not_reach_its_receiver(settings, tmp_path, live_server):
+    settings.VAR_DIR = tmp_path
+    settings.HUB_ALLOW_PRIVATE_ENDPOINTS = False
+    (tmp_path / "demo-credentials.json").write_text(
+        json.dumps(
+            {
+                "receiver_url": "http://127.0.0.1:8001",
+                "institutions": {"x-bank": {"api_token": "t", "hmac_secret": crypto.new_hmac_secret()}},
+            }
+        )
+    )
+    with pytest.raises(CommandError, match="HUB_ALLOW_PRIVATE_ENDPOINTS=1"):
+        call_command("demo_traffic", url=live_server.url, wait=5, stdout=StringIO(), stderr=StringIO())
+
+
+@pytest.mark.django_db(transaction=True)
+def test_demo_traffic_fails_when_one_issuer_alone_could_pay_the_reward(var_dir, live_server, receiver_url):
+    setup(var_dir, receiver_url)
+    # An operator cheapens the tote bag: the redemption still works, but the story no longer shows pooling.
+    Reward.objects.filter(code=POOLED_REWARD).update(points=300)
+    out = StringIO()
+    with pytest.raises(CommandError, match=r"story 'redeem'.*alone reach the price 300"):
+        call_command("demo_traffic", url=live_server.url, wait=5, events=3, seed=1, stdout=out, stderr=StringIO())
+    assert "7. Small balances" in out.getvalue() and "8. Settlement" in out.getvalue()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_demo_traffic_fails_when_the_provider_is_not_answered(var_dir, live_server, receiver_url):
+    setup(var_dir, receiver_url)
+    # The provider's endpoint points where the receiver plays no institution: it refuses the webhook.
+    Institution.objects.filter(code=PROVIDER).update(endpoint_url=f"{receiver_url}/hooks/nobody")
+    with pytest.raises(CommandError, match=r"story 'redeem'.*got no carbon.redemption.requested.*no demo institution"):
+        call_command(
+            "demo_traffic", url=live_server.url, wait=5, events=3, seed=1, stdout=StringIO(), stderr=StringIO()
+        )
+
+
+# --- The demo receiver and the statement checks, on their own ---------------------------------------
+
+
+def post(url: str, body: bytes, headers: dict[str, str]) -> int:
+    status, _, _ = Hub(url).request("POST", "/hooks/demo-bank-east", body=body, headers=headers)
+    return status
+
+
+@pytest.mark.django_db
+def test_the_receiver_takes_only_the_hubs_signature_and_each_webhook_once(receiver_url):
+    _, hub_key = hub_signing_key()
+    public = [crypto.public_key_bytes(k.public_key) for k in hub_public_keys()]
+    secret = crypto.hmac_secret_bytes(crypto.new_hmac_secret())
+    sender = Sender("demo-bank-east", "token", provider=False, hmac_secret=secret)
+    body = json.dumps({"type": "carbon.example", "data": {}}).encode()
+    stranger = Ed25519PrivateKey.generate()
+
+    def headers(msg_id: str, keys: list, secrets: list) -> dict[str, str]:
+        return crypto.webhook_headers(
+            body, msg_id=msg_id, timestamp=int(time.time()), hmac_secrets=secrets, ed25519_keys=keys
+        )
+
+    with DemoReceiver(Hub("http://127.0.0.1:9"), [sender], url=receiver_url, hub_keys=public) as receiver:
+        assert post(receiver_url, body, headers("msg_1", [hub_key], [secret])) == 200
+        assert post(receiver_url, body, headers("msg_1", [hub_key], [secret])) == 200  # a redelivery
+        assert post(receiver_url, body, headers("msg_2", [stranger], [secret])) == 401
+        assert post(receiver_url, body, headers("msg_3", [hub_key], [])) == 401  # the institution's v1 is missing
+        assert post(receiver_url, b'{"x": 1}', headers("msg_4", [hub_key], [secret])) == 401  # other bytes signed
+    assert [w.webhook_id for w in receiver.webhooks] == ["msg_1"]
+    assert receiver.duplicates == ["msg_1"]
+    assert [why.split(":", 1)[0] for why in receiver.refused] == [
+        "demo-bank-east msg_2",
+        "demo-bank-east msg_3",
+        "demo-bank-east msg_4",
+    ]
+
+
+@pytest.mark.django_db
+def test_the_statement_check_recomputes_what_the_hub_lists(var_dir):
+    from settlement.models import NetPosition
+    from settlement.services import ObligationSpec, cycle_run, obligations_record
+
+    setup(var_dir)
+    east, shop = Institution.objects.get(code=EAST), Institution.objects.get(code=PROVIDER)
+    obligations_record(
+        source="redemption:1", obligations=[ObligationSpec(debtor_id=east.pk, creditor_id=shop.pk, amount_minor=7)]
+    )
+    run = cycle_run(minimum_minor=1)
+    assert run is not None
+    (statement,) = statements(list(NetPosition.objects.filter(cycle=run.cycle, institution=east)))
+    statement = json.loads(json.dumps(statement, default=str))
+    instruction = {**statement["instruction"], "state": "paid"}
+    statement["instruction"]["state"], statement["confirmation"] = "paid", {"status": "paid", "reference": "r"}
+    # The demo's own canonical form gives the hub's digest.
+    assert statement_digest(statement["obligations"]["lines"]) == statement["obligations"]["digest"]
+    assert _statement_problems(statement, EAST, instruction) == []
+
+    tampered = json.loads(json.dumps(statement))
+    tampered["obligations"]["lines"][0]["amount_minor"] = 8
+    problems = _statement_problems(tampered, EAST, instruction)
+    assert any("digest" in p for p in problems) and any("gross in/out" in p for p in problems)

@@ -1,4 +1,5 @@
-"""``manage.py demo_setup``: demo institutions and an admin, with their secrets saved for the demo sender."""
+"""``manage.py demo_setup``: demo institutions, the provider's rewards and an admin, with their secrets saved
+for the demo sender and each institution's endpoint on the demo receiver."""
 
 from __future__ import annotations
 
@@ -16,11 +17,18 @@ from django.db import transaction
 
 from clearinghouse.errors import HubError
 from institutions import crypto
+from institutions.demo.receiver import endpoint_url
 from institutions.models import Credential, Institution
-from institutions.services import credential_add, hub_public_keys, institution_register
+from institutions.outbox import institution_endpoint_enable
+from institutions.services import credential_add, hub_public_keys, institution_register, institution_update
+from settlement.models import Reward
+from settlement.services import reward_create
 
 CREDENTIALS_FILENAME = "demo-credentials.json"
 ADMIN_USERNAME = "admin"
+# Where demo_traffic runs the demo receiver, every demo institution's webhook endpoint (loopback: the
+# hub delivers there only with HUB_ALLOW_PRIVATE_ENDPOINTS=1, which `make run` sets for the demo).
+DEFAULT_RECEIVER_URL = "http://127.0.0.1:8001"
 
 
 @dataclass(frozen=True)
@@ -38,6 +46,24 @@ DEMO_INSTITUTIONS = (
     DemoInstitution("demo-pay-west", "WestPay wallet (demo)", hmac=False, ed25519=True),
     DemoInstitution("demo-metro-card", "Metro Transit Card (demo)", hmac=True, ed25519=True),
     DemoInstitution("demo-rewards", "Green Rewards Mall (demo)", hmac=True, ed25519=True, provider=True),
+)
+PROVIDER = "demo-rewards"
+
+
+@dataclass(frozen=True)
+class DemoReward:
+    code: str
+    title: str
+    points: int
+
+
+# The provider's catalogue. The demo person's stories leave about 990 points spread 491 / 419 / 80 over
+# the three issuers: the tote bag costs more than any issuer's share and than any two together, so only
+# the pooled balance reaches it and all three pay for it; the bike year is out of reach.
+DEMO_REWARDS = (
+    DemoReward("demo-coffee-cup", "A coffee in your own cup", 150),
+    DemoReward("demo-tote-bag", "Recycled-canvas tote bag", 950),
+    DemoReward("demo-bike-year", "A year of shared bikes", 20000),
 )
 
 
@@ -98,7 +124,9 @@ def _entry_still_valid(institution: Institution, entry: dict[str, Any], spec: De
 class Command(BaseCommand):
     help = (
         "Register the demo institutions (three issuers and one reward provider, covering HMAC, Ed25519 "
-        "and both) and an 'admin' superuser, through the same services as institution_register. "
+        "and both) and an 'admin' superuser, through the same services as institution_register; give the "
+        "provider its rewards (through reward_create) and every demo institution an endpoint on the demo "
+        "receiver that demo_traffic runs (--receiver-url). "
         "Because the hub shows secrets only once, what the demo sender needs is saved to "
         f"VAR_DIR/{CREDENTIALS_FILENAME} (mode 600). Idempotent: existing institutions and the file are "
         "kept; institutions whose saved secrets are missing or stale get fresh credentials rotated in."
@@ -111,24 +139,40 @@ class Command(BaseCommand):
             default=None,
             help=f"Where to save the demo secrets (default: VAR_DIR/{CREDENTIALS_FILENAME}).",
         )
+        parser.add_argument(
+            "--receiver-url",
+            default=DEFAULT_RECEIVER_URL,
+            help="Where demo_traffic runs the demo receiver; each demo institution's endpoint is "
+            "<url>/hooks/<code> (default: %(default)s).",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         path: Path = options["credentials_file"] or default_credentials_path()
         document = read_credentials(path)
         saved: dict[str, Any] = document.get("institutions") or {}
+        receiver_url: str = options["receiver_url"].rstrip("/")
         lines: list[str] = []
-        changed = False
+        changed = document.get("receiver_url") != receiver_url
 
         for spec in DEMO_INSTITUTIONS:
             try:
                 with transaction.atomic():
                     outcome, entry = self._ensure_institution(spec, saved.get(spec.code))
+                    endpoint = self._ensure_endpoint(spec, endpoint_url(receiver_url, spec.code))
             except HubError as exc:
                 raise CommandError(f"{spec.code}: {exc.message}") from exc
             if outcome != "kept":
                 saved[spec.code] = entry
                 changed = True
-            lines.append(f"  {outcome:<10} {spec.code:<16} {self._describe(spec)}")
+            lines.append(f"  {outcome:<10} {spec.code:<16} {self._describe(spec)}; endpoint {endpoint}")
+        for reward in DEMO_REWARDS:
+            try:
+                outcome = self._ensure_reward(reward)
+            except HubError as exc:
+                raise CommandError(f"reward {reward.code}: {exc.message}") from exc
+            lines.append(
+                f"  {outcome:<10} reward {reward.code} of {PROVIDER}: {reward.title!r}, {reward.points} points"
+            )
 
         admin_outcome, admin_password = self._ensure_admin((document.get("admin") or {}).get("password"))
         if admin_outcome in ("created", "reset"):
@@ -140,13 +184,14 @@ class Command(BaseCommand):
                 "production. The hub shows secrets only once; this file is the demo's copy.",
                 "admin": {"username": ADMIN_USERNAME, "password": admin_password},
                 "hub_public_keys": [key.public_key for key in hub_public_keys()],
+                "receiver_url": receiver_url,
                 "institutions": saved,
             }
             write_credentials(path, document)
         else:
             os.chmod(path, 0o600)
 
-        self.stdout.write("demo_setup: institutions")
+        self.stdout.write("demo_setup: institutions and rewards")
         for line in lines:
             self.stdout.write(line)
         if admin_outcome == "kept":
@@ -163,6 +208,32 @@ class Command(BaseCommand):
     def _describe(spec: DemoInstitution) -> str:
         signing = " + ".join(name for name, on in (("HMAC v1", spec.hmac), ("Ed25519 v1a", spec.ed25519)) if on)
         return f"{signing}{', provider' if spec.provider else ''}"
+
+    @staticmethod
+    def _ensure_endpoint(spec: DemoInstitution, url: str) -> str:
+        """Point the institution's endpoint at the demo receiver, re-enabled if a 410 or 429 had stopped it."""
+        institution = Institution.objects.get(code=spec.code)
+        if institution.endpoint_url != url:
+            institution_update(
+                institution=institution,
+                name=institution.name,
+                endpoint_url=url,
+                is_provider=institution.is_provider,
+                rate_limit_per_second=institution.rate_limit_per_second,
+            )
+        if institution.endpoint_disabled_at is not None or institution.endpoint_paused_until is not None:
+            institution_endpoint_enable(institution=institution)
+        return url
+
+    @staticmethod
+    def _ensure_reward(reward: DemoReward) -> str:
+        """Add the reward through ``reward_create``; one that exists is kept as the operator may have edited it."""
+        if Reward.objects.filter(code=reward.code).exists():
+            return "kept"
+        reward_create(
+            provider=Institution.objects.get(code=PROVIDER), code=reward.code, title=reward.title, points=reward.points
+        )
+        return "created"
 
     def _ensure_institution(self, spec: DemoInstitution, entry: dict[str, Any] | None) -> tuple[str, dict[str, Any]]:
         """Register ``spec`` or, when it exists without usable saved secrets, rotate fresh ones in."""

@@ -4,7 +4,9 @@ It is a client, like an institution's own sender: it talks to the hub only over 
 :func:`institutions.crypto.webhook_headers`, the same code the hub verifies with. The secrets come
 from the file ``demo_setup`` writes, because the hub shows them only once. After the bulk traffic,
 :mod:`institutions.demo.stories` tells the stories of the unified standard and of a person's linked
-accounts, event by event.
+accounts, event by event, then a redemption and a settlement cycle, with the demo receiver
+(:mod:`institutions.demo.receiver`) answering the hub's webhooks as the institutions would. To run the
+cycle it acts as the operator and calls the settlement service directly: it shares the hub's database.
 """
 
 from __future__ import annotations
@@ -23,12 +25,16 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from institutions import crypto
 from institutions.demo.client import Hub, Sender
-from institutions.demo.stories import ACTIVITY, Storyteller, describe
+from institutions.demo.receiver import DemoReceiver
+from institutions.demo.stories import ACTIVITY, Settled, Storyteller, describe
 from institutions.management.commands.demo_setup import default_credentials_path, read_credentials
+from institutions.models import Institution
+from settlement.services import cycle_run, instruction_webhook_data
 
 # --- What the demo institutions report --------------------------------------------------------------
 
@@ -118,12 +124,16 @@ class Command(BaseCommand):
         "intake: single and batch CloudEvents requests, v1 (HMAC) and v1a (Ed25519) signatures, activity "
         "events for metro rides, walking, clean-plate check-ins, e-bills and more, plus three deliberate "
         "cases: a duplicate resend, an event reusing an id with other content (conflict) and an event "
-        "with a field outside the contract (rejected). Then tell five stories event by event, each event "
+        "with a field outside the contract (rejected). Then tell eight stories event by event, each event "
         "followed with GET /api/v1/institutions/{code}/events/{id}: the unified standard measuring acts "
         "reported in other units (m, Wh, steps, check-ins); a new person (demo-person-<run>, signed up "
         "through the person API) whose bank reports for them before and after they link it with a link "
         "code; a capped day of clean-plate check-ins across two institutions; one act reported twice "
-        "(the same fingerprint, credited once); an unknown action, quarantined. Exits non-zero when the "
+        "(the same fingerprint, credited once); an unknown action, quarantined; a redemption that only "
+        "the pooled balance of three issuers pays, fulfilled by the provider; a settlement cycle, its "
+        "instructions confirmed and its statements checked. Meanwhile it runs the demo receiver at the URL "
+        "demo_setup registered as every demo institution's endpoint (loopback: needs "
+        "HUB_ALLOW_PRIVATE_ENDPOINTS=1 for the hub and for this command). Exits non-zero when the "
         "hub cannot be reached, a request fails (401, 5xx or any other answer but 202), or a result or a "
         "story's outcome differs from what the demo expects."
     )
@@ -185,10 +195,15 @@ class Command(BaseCommand):
             f"{len(issuers)} institutions (seed {seed}, run {run})"
         )
 
-        self._send_all(hub, plan)
-        failures = self._report_requests(plan, issuers)
-        failures += self._report_statuses(hub, plan, issuers)
-        failures += Storyteller(hub, issuers, run=run, write=self.stdout.write).tell()
+        with self._receiver(hub, senders, path) as receiver:
+            self._send_all(hub, plan)
+            failures = self._report_requests(plan, issuers)
+            failures += self._report_statuses(hub, plan, issuers)
+            storyteller = Storyteller(
+                hub, senders, run=run, write=self.stdout.write, receiver=receiver, settle=self._settle
+            )
+            failures += storyteller.tell()
+            failures += [f"demo receiver refused a webhook: {why}" for why in receiver.refused]
         self.stdout.write("")
         if failures:
             raise CommandError(f"demo_traffic: {len(failures)} unexpected answer(s):\n  " + "\n  ".join(failures))
@@ -218,6 +233,47 @@ class Command(BaseCommand):
             if sender.hmac_secret or sender.private_key:
                 senders.append(sender)
         return senders
+
+    def _receiver(self, hub: Hub, senders: list[Sender], path: Path) -> DemoReceiver:
+        """The demo receiver, at the URL demo_setup registered as every demo institution's endpoint."""
+        url = read_credentials(path).get("receiver_url")
+        if not url:
+            raise CommandError(f"{path} names no demo receiver; run manage.py demo_setup again.")
+        if not settings.HUB_ALLOW_PRIVATE_ENDPOINTS:
+            # The settlement story's instructions are delivered from this process (tasks run in process).
+            raise CommandError(
+                f"The demo receiver listens on {url}, a loopback address the hub delivers to only with "
+                "HUB_ALLOW_PRIVATE_ENDPOINTS=1: set it for the hub and for demo_traffic (make run does)."
+            )
+        try:
+            keys = hub.call("GET", "/api/v1/hub/keys")
+            hub_keys = [crypto.public_key_bytes(k["public_key"]) for k in keys.document["keys"]]
+        except (OSError, KeyError, TypeError, ValueError) as exc:
+            raise CommandError(f"GET {hub.url}/api/v1/hub/keys gave no usable keys ({exc}).") from exc
+        try:
+            return DemoReceiver(hub, senders, url=url, hub_keys=hub_keys)
+        except (OSError, ValueError) as exc:
+            raise CommandError(f"The demo receiver cannot listen on {url}: {exc}.") from exc
+
+    @staticmethod
+    def _settle(minimum_minor: int) -> Settled | None:
+        """Run a settlement cycle as the operator would (``settlement_run``): demo_traffic shares the hub's
+        database. The instructions' webhooks go out when it commits, to the demo receiver."""
+        run = cycle_run(minimum_minor=minimum_minor)
+        if run is None:
+            return None
+        codes = dict(
+            Institution.objects.filter(pk__in=[p.institution_id for p in run.positions]).values_list("pk", "code")
+        )
+        return Settled(
+            cycle_id=run.cycle.pk,
+            currency=run.cycle.currency,
+            minimum_minor=minimum_minor,
+            instructions=[
+                {"institution": codes[i.institution_id], **instruction_webhook_data(i)} for i in run.instructions
+            ],
+            institutions=sorted(codes.values()),
+        )
 
     def _wait_until_ready(self, hub: Hub, wait: float) -> None:
         deadline = time.monotonic() + max(wait, 0)
