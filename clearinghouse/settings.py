@@ -104,6 +104,14 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 DATABASE_URL = os.environ.get("DATABASE_URL", "")
 if DATABASE_URL:
     DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=env_int("DB_CONN_MAX_AGE", 60))}
+    # A process that stops between statements inside a transaction (hung, paused, or waiting on the
+    # network while it should not) would keep its row and advisory locks, and every worker crediting
+    # the same owners would queue behind it. PostgreSQL ends such a session after this long instead:
+    # its transaction rolls back, the locks go, and the work is retried (the lease and the inbox make
+    # that safe). No code path of the hub is idle inside a transaction for anything like a minute.
+    idle_ms = env_int("DB_IDLE_IN_TRANSACTION_TIMEOUT_MS", 60_000)
+    if idle_ms > 0:
+        DATABASES["default"].setdefault("OPTIONS", {})["options"] = f"-c idle_in_transaction_session_timeout={idle_ms}"
 else:
     VAR_DIR.mkdir(parents=True, exist_ok=True)
     DATABASES = {

@@ -19,6 +19,7 @@ ENVIRONMENT = [
     "CLEARINGHOUSE_TASKS_EAGER",
     "HUB_ENCRYPTION_KEYS",
     "HUB_SUBJECT_KEY",
+    "DB_IDLE_IN_TRANSACTION_TIMEOUT_MS",
 ]
 
 
@@ -96,6 +97,30 @@ def test_database_url_and_redis_url_select_the_real_services(load_settings):
     assert loaded["CELERY_BROKER_URL"] == "redis://cache.example:6379/2"
     assert loaded["CELERY_TASK_ALWAYS_EAGER"] is False  # tasks go through the broker
     assert loaded["CACHES"]["default"]["LOCATION"] == "redis://cache.example:6379/2"
+
+
+@pytest.mark.parametrize(("value", "expected"), [(None, 60_000), ("5000", 5_000), ("0", None)])
+def test_postgresql_ends_sessions_left_idle_inside_a_transaction(load_settings, value, expected):
+    """A hung worker must not keep its owners' locks: PostgreSQL ends its session (0 turns it off)."""
+    environment = {"DATABASE_URL": "postgres://hub@db.example/hub"}
+    if value is not None:
+        environment["DB_IDLE_IN_TRANSACTION_TIMEOUT_MS"] = value
+    options = load_settings(**environment)["DATABASES"]["default"].get("OPTIONS", {})
+    if expected is None:
+        assert "options" not in options
+    else:
+        assert options["options"] == f"-c idle_in_transaction_session_timeout={expected}"
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db
+def test_the_hubs_own_connections_carry_the_idle_timeout():
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW idle_in_transaction_session_timeout")
+        (shown,) = cursor.fetchone()
+    assert shown == "1min"
 
 
 def test_the_secret_key_is_required_when_debug_is_off(load_settings):
