@@ -34,7 +34,6 @@ import json
 import os
 import random
 import re
-import secrets
 import shlex
 import shutil
 import statistics
@@ -59,6 +58,7 @@ from bench.intake import (  # noqa: E402 (the path above first)
     start_server,
     stop_server,
 )
+from bench.intake import bench_env as intake_bench_env  # noqa: E402
 
 DOCS_FILE = ROOT / "docs" / "performance.md"
 RESULTS_DIR = ROOT / "bench" / "results"
@@ -116,23 +116,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def bench_env(args: argparse.Namespace, var_dir: Path) -> dict[str, str]:
-    from cryptography.fernet import Fernet
-
-    base, _, _ = args.pg_admin_url.rpartition("/")
-    return {
-        "DJANGO_SETTINGS_MODULE": "bench.settings_bench",
-        "DATABASE_URL": f"{base}/{args.db_name}",
-        "REDIS_URL": args.redis_url,
-        "DJANGO_DEBUG": "0",
-        "DJANGO_SECRET_KEY": secrets.token_urlsafe(48),
-        "DJANGO_ALLOWED_HOSTS": "127.0.0.1,localhost",
-        "HUB_ENCRYPTION_KEYS": Fernet.generate_key().decode(),
-        "HUB_SUBJECT_KEY": secrets.token_urlsafe(32),
-        "CLEARINGHOUSE_VAR_DIR": str(var_dir),
-        "CLEARINGHOUSE_TASKS_EAGER": "0",
-        "LOG_LEVEL": "WARNING",
-        "BENCH_SERVER_SIDE_BINDING": "1" if args.server_side_binding else "0",
-    }
+    """The intake benchmark's server environment, plus the server-side binding switch."""
+    return {**intake_bench_env(args, var_dir), "BENCH_SERVER_SIDE_BINDING": "1" if args.server_side_binding else "0"}
 
 
 # --- Data: institutions, rewards, persons with tokens and lots ------------------------------------------

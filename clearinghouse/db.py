@@ -7,7 +7,7 @@ from datetime import date
 from decimal import Decimal
 from typing import Any
 
-from django.db import connection, models
+from django.db import connection, migrations, models
 
 
 def copy_rows(model: type[models.Model], columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
@@ -64,3 +64,17 @@ def execute_prepared(sql: str, params: Sequence[Any]) -> Any:
     cursor = psycopg.Cursor(connection.connection)
     cursor.execute(sql, params, prepare=True)
     return cursor
+
+
+class PostgresOnlySQL(migrations.RunSQL):
+    """A migration's RunSQL that runs on PostgreSQL and does nothing elsewhere (SQLite, the embedded
+    default): the database-enforced invariants (triggers, deferred checks) exist only where PostgreSQL
+    can hold them; the services check the same rules everywhere."""
+
+    def database_forwards(self, app_label: str, schema_editor: Any, from_state: Any, to_state: Any) -> None:
+        if schema_editor.connection.vendor == "postgresql":
+            super().database_forwards(app_label, schema_editor, from_state, to_state)
+
+    def database_backwards(self, app_label: str, schema_editor: Any, from_state: Any, to_state: Any) -> None:
+        if schema_editor.connection.vendor == "postgresql":
+            super().database_backwards(app_label, schema_editor, from_state, to_state)

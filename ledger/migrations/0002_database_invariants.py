@@ -14,6 +14,8 @@ TRUNCATE is left alone: it is how a test database is emptied between tests.
 
 from django.db import migrations
 
+from clearinghouse.db import PostgresOnlySQL
+
 FORWARD = r"""
 CREATE FUNCTION ledger_refuse_change() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
@@ -98,18 +100,6 @@ DROP FUNCTION ledger_transfer_balanced();
 DROP FUNCTION ledger_refuse_change();
 ALTER TABLE ledger_account RESET (fillfactor);
 """
-
-
-class PostgresOnlySQL(migrations.RunSQL):
-    """RunSQL that runs on PostgreSQL and does nothing elsewhere (SQLite, the embedded default)."""
-
-    def database_forwards(self, app_label, schema_editor, from_state, to_state):
-        if schema_editor.connection.vendor == "postgresql":
-            super().database_forwards(app_label, schema_editor, from_state, to_state)
-
-    def database_backwards(self, app_label, schema_editor, from_state, to_state):
-        if schema_editor.connection.vendor == "postgresql":
-            super().database_backwards(app_label, schema_editor, from_state, to_state)
 
 
 class Migration(migrations.Migration):

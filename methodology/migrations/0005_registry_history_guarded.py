@@ -15,6 +15,8 @@ guarded from the other side, where changes are rare:
 import django.db.models.deletion
 from django.db import migrations, models
 
+from clearinghouse.db import PostgresOnlySQL
+
 FORWARD = """
 CREATE FUNCTION methodology_factor_history_fixed() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
@@ -63,18 +65,6 @@ DROP FUNCTION methodology_activity_parent_kept();
 DROP TRIGGER methodology_factor_history_fixed ON methodology_factorversion;
 DROP FUNCTION methodology_factor_history_fixed();
 """
-
-
-class PostgresOnlySQL(migrations.RunSQL):
-    """RunSQL that runs on PostgreSQL and does nothing elsewhere (SQLite, the embedded default)."""
-
-    def database_forwards(self, app_label, schema_editor, from_state, to_state):
-        if schema_editor.connection.vendor == "postgresql":
-            super().database_forwards(app_label, schema_editor, from_state, to_state)
-
-    def database_backwards(self, app_label, schema_editor, from_state, to_state):
-        if schema_editor.connection.vendor == "postgresql":
-            super().database_backwards(app_label, schema_editor, from_state, to_state)
 
 
 class Migration(migrations.Migration):

@@ -8,6 +8,8 @@ from datetime import UTC, datetime
 
 from django.db import migrations
 
+from clearinghouse.db import PostgresOnlySQL
+
 STARTING_PRICE_FEN_PER_THOUSAND_POINTS = 10
 STARTING_VALID_FROM = datetime(2024, 1, 1, tzinfo=UTC)
 
@@ -35,18 +37,6 @@ BACKWARD_SQL = """
 DROP TRIGGER settlement_obligation_append_only ON settlement_obligation;
 DROP FUNCTION settlement_obligation_append_only();
 """
-
-
-class PostgresOnlySQL(migrations.RunSQL):
-    """RunSQL that runs on PostgreSQL and does nothing elsewhere (SQLite, the embedded default)."""
-
-    def database_forwards(self, app_label, schema_editor, from_state, to_state):
-        if schema_editor.connection.vendor == "postgresql":
-            super().database_forwards(app_label, schema_editor, from_state, to_state)
-
-    def database_backwards(self, app_label, schema_editor, from_state, to_state):
-        if schema_editor.connection.vendor == "postgresql":
-            super().database_backwards(app_label, schema_editor, from_state, to_state)
 
 
 def seed_price(apps, schema_editor):
