@@ -26,7 +26,11 @@ def person_for_user(user: Any) -> Person | None:
     """The person behind an authenticated user, or None (anonymous users, operators)."""
     if user is None or not user.is_authenticated:
         return None
-    return Person.objects.filter(user_id=user.pk).first()
+    try:
+        # Loaded with the token by PersonTokenAuthentication (no query); one query for a session user.
+        return user.person  # type: ignore[no-any-return]
+    except Person.DoesNotExist:
+        return None
 
 
 def links_for_person(person: Person) -> list[Membership]:

@@ -111,3 +111,26 @@ def test_me_needs_a_token(client):
     response = client.get("/api/v1/me/links", headers=auth("not-a-token"))
     assert response.status_code == 401
     assert response.json()["code"] == "authentication-failed"
+
+
+def test_the_person_comes_with_the_token_in_one_query(client, django_assert_num_queries):
+    """Token, user and person in one query; then the view's own (the links)."""
+    _person, token = make_person("mei")
+    with django_assert_num_queries(2):
+        response = client.get("/api/v1/me/links", headers=auth(token))
+    assert response.status_code == 200
+
+
+def test_an_inactive_users_token_is_refused(client):
+    person, token = make_person("mei")
+    assert person.user is not None
+    get_user_model().objects.filter(pk=person.user.pk).update(is_active=False)
+    response = client.get("/api/v1/me/links", headers=auth(token))
+    assert response.status_code == 401
+    assert response.json()["code"] == "authentication-failed"
+
+
+def test_a_session_user_is_found_as_a_person_too(client):
+    person, _token = make_person("mei")
+    client.force_login(person.user)
+    assert client.get("/api/v1/me/links").status_code == 200

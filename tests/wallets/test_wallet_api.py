@@ -132,8 +132,8 @@ def test_wallet_summary_takes_two_queries_however_many_lots(client, today, three
         summary = wallet_summary(person)
     assert summary.points == 121
     assert len(summary.by_institution) == 3
-    # The endpoint adds only the token and the person: 4 queries.
-    with django_assert_num_queries(4):
+    # The endpoint adds only the token, with its user and person: 3 queries.
+    with django_assert_num_queries(3):
         assert client.get("/api/v1/me/wallet", headers=auth(token)).json()["points"] == 121
 
 
