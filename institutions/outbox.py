@@ -122,9 +122,9 @@ def outbox_enqueue(
         next_attempt_at=now,
         created_at=now,
     )
-    from institutions.tasks import deliveries_kick
+    from institutions.tasks import deliveries_kick_soon
 
-    transaction.on_commit(deliveries_kick, robust=True)
+    transaction.on_commit(deliveries_kick_soon, robust=True)
     return message
 
 

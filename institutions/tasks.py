@@ -6,6 +6,7 @@ import atexit
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 from celery import shared_task
 from django.conf import settings
@@ -57,56 +58,55 @@ def inbox_kick() -> None:
                 logger.debug("inbox_kick: could not clear the kick key", exc_info=True)
 
 
-# Per-process coalescing of the intake's kicks (inbox_kick_soon): at most one kick per interval
-# leaves this process at the moment it is due, the rest of the interval's commits share one
-# trailing kick.
-_coalesce_lock = threading.Lock()
-_last_kick = float("-inf")
-_trailing_pending = False
+class KickCoalescer:
+    """A kick after every commit, coalesced per process for the hot paths.
 
-
-def inbox_kick_soon() -> None:
-    """:func:`inbox_kick`, coalesced per process for the intake's hot path.
-
-    Without coalescing every intake request pays a Redis round trip after its commit (the ``SET NX``)
-    although under load nearly all of them find a drain already queued. Here the first commit of an
-    interval of ``HUB_INBOX_KICK_COALESCE_SECONDS`` kicks at once, in the request; later commits of
+    Without coalescing every request pays a Redis round trip after its commit (the ``SET NX`` of the
+    kick) although under load nearly all of them find a run already queued. Here the first commit of
+    an interval of ``HUB_INBOX_KICK_COALESCE_SECONDS`` kicks at once, in the request; later commits of
     the interval schedule one trailing kick at its end (a timer thread) unless one is scheduled. The
-    guarantee of :func:`inbox_kick` is kept: every commit is followed by a kick that starts after it
-    (a commit that sees a trailing kick pending is covered by it, because the trailing kick clears
-    the pending flag under the lock before it kicks). A kick still pending when the process exits is
-    sent by an exit hook; if that is lost too, the sweeper enqueues the rows later.
+    guarantee of the kick is kept: every commit is followed by a kick that starts after it (a commit
+    that sees a trailing kick pending is covered by it, because the trailing kick clears the pending
+    flag under the lock before it kicks). A kick still pending when the process exits is sent by an
+    exit hook; if that is lost too, the beat task finds the rows later.
     """
-    global _last_kick, _trailing_pending
-    interval = settings.HUB_INBOX_KICK_COALESCE_SECONDS
-    if settings.CELERY_TASK_ALWAYS_EAGER or interval <= 0:
-        inbox_kick()
-        return
-    now = time.monotonic()
-    with _coalesce_lock:
-        kick_now = now - _last_kick >= interval
-        if kick_now:
-            _last_kick = now
-        elif not _trailing_pending:
-            _trailing_pending = True
-            timer = threading.Timer(_last_kick + interval - now, _trailing_kick)
-            timer.daemon = True
-            timer.start()
-    if kick_now:
-        inbox_kick()
 
+    def __init__(self, kick: Callable[[], None]) -> None:
+        self._kick = kick
+        self._lock = threading.Lock()
+        self._last = float("-inf")
+        self._trailing_pending = False
+        atexit.register(self._trailing)
 
-def _trailing_kick() -> None:
-    global _last_kick, _trailing_pending
-    with _coalesce_lock:
-        if not _trailing_pending:
+    def __call__(self) -> None:
+        interval = settings.HUB_INBOX_KICK_COALESCE_SECONDS
+        if settings.CELERY_TASK_ALWAYS_EAGER or interval <= 0:
+            self._kick()
             return
-        _trailing_pending = False
-        _last_kick = time.monotonic()
-    inbox_kick()
+        now = time.monotonic()
+        with self._lock:
+            kick_now = now - self._last >= interval
+            if kick_now:
+                self._last = now
+            elif not self._trailing_pending:
+                self._trailing_pending = True
+                timer = threading.Timer(self._last + interval - now, self._trailing)
+                timer.daemon = True
+                timer.start()
+        if kick_now:
+            self._kick()
+
+    def _trailing(self) -> None:
+        with self._lock:
+            if not self._trailing_pending:
+                return
+            self._trailing_pending = False
+            self._last = time.monotonic()
+        self._kick()
 
 
-atexit.register(_trailing_kick)
+# The intake's kick after its commit: :func:`inbox_kick`, coalesced (looked up at call time).
+inbox_kick_soon = KickCoalescer(lambda: inbox_kick())
 
 
 @shared_task(acks_late=True, ignore_result=True)
@@ -159,3 +159,8 @@ def deliveries_kick() -> None:
         deliveries_send_due.delay()
     except Exception:
         logger.warning("deliveries_kick: broker unreachable; the beat task will send later", exc_info=True)
+
+
+# After a commit that enqueued webhooks (a redemption hold, a settlement run): :func:`deliveries_kick`,
+# coalesced as the intake's kicks are.
+deliveries_kick_soon = KickCoalescer(lambda: deliveries_kick())

@@ -13,7 +13,7 @@ from django.conf import settings
 from django.test import Client, override_settings
 
 from clearinghouse.redis import redis_client
-from institutions import intake, tasks
+from institutions import intake, outbox, tasks
 from institutions.models import InboxEvent
 from tests.conftest import activity, make_sender, post_events
 
@@ -124,19 +124,25 @@ def test_small_limits_are_counted_one_request_at_a_time(bank, frozen_window):
 # --- Coalesced kicks ----------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def kicks(monkeypatch) -> Iterator[list[float]]:
-    """Record the kicks inbox_kick_soon lets through, with a broker (not in process) and a fresh state."""
-    calls: list[float] = []
+class Kicks(list):
+    """The kicks a coalescer let through (their times), and the coalescer itself as ``soon``."""
+
+    soon: tasks.KickCoalescer
+
+
+@pytest.fixture(params=["inbox_kick", "deliveries_kick"])
+def kicks(request, monkeypatch) -> Iterator[Kicks]:
+    """A fresh coalescer of the intake's or the deliveries' kick, with a broker (not in process), whose
+    kicks are recorded instead of sent."""
+    calls = Kicks()
     lock = threading.Lock()
 
     def record() -> None:
         with lock:
             calls.append(time.monotonic())
 
-    monkeypatch.setattr(tasks, "inbox_kick", record)
-    monkeypatch.setattr(tasks, "_last_kick", float("-inf"))
-    monkeypatch.setattr(tasks, "_trailing_pending", False)
+    monkeypatch.setattr(tasks, request.param, record)
+    calls.soon = tasks.KickCoalescer(lambda: getattr(tasks, request.param)())
     with override_settings(CELERY_TASK_ALWAYS_EAGER=False, HUB_INBOX_KICK_COALESCE_SECONDS=0.2):
         yield calls
 
@@ -150,10 +156,10 @@ def wait_for(condition, timeout: float = 3.0) -> bool:
 
 def test_the_first_commit_kicks_at_once_and_the_rest_share_one_trailing_kick(kicks):
     start = time.monotonic()
-    tasks.inbox_kick_soon()
+    kicks.soon()
     assert len(kicks) == 1  # in the request itself
     for _ in range(50):
-        tasks.inbox_kick_soon()
+        kicks.soon()
     assert len(kicks) == 1
     assert wait_for(lambda: len(kicks) == 2)
     assert kicks[1] - start >= 0.19  # at the end of the interval
@@ -162,10 +168,10 @@ def test_the_first_commit_kicks_at_once_and_the_rest_share_one_trailing_kick(kic
 
 
 def test_a_commit_after_the_trailing_kick_started_gets_a_kick_of_its_own(kicks):
-    tasks.inbox_kick_soon()
-    tasks.inbox_kick_soon()  # schedules the trailing kick
+    kicks.soon()
+    kicks.soon()  # schedules the trailing kick
     assert wait_for(lambda: len(kicks) == 2)
-    tasks.inbox_kick_soon()  # inside the new interval: needs another trailing kick
+    kicks.soon()  # inside the new interval: needs another trailing kick
     assert wait_for(lambda: len(kicks) == 3)
     assert kicks[2] - kicks[1] >= 0.19
 
@@ -173,8 +179,23 @@ def test_a_commit_after_the_trailing_kick_started_gets_a_kick_of_its_own(kicks):
 def test_without_coalescing_every_commit_kicks(kicks):
     with override_settings(HUB_INBOX_KICK_COALESCE_SECONDS=0):
         for _ in range(5):
-            tasks.inbox_kick_soon()
+            kicks.soon()
     assert len(kicks) == 5
+
+
+@pytest.mark.django_db
+def test_webhooks_enqueued_in_a_burst_share_their_delivery_kicks(monkeypatch, django_capture_on_commit_callbacks):
+    """``outbox_enqueue`` kicks the delivery worker through its coalescer after each commit."""
+    sent: list[float] = []
+    monkeypatch.setattr(tasks, "deliveries_kick", lambda: sent.append(time.monotonic()))
+    monkeypatch.setattr(tasks, "deliveries_kick_soon", tasks.KickCoalescer(lambda: tasks.deliveries_kick()))
+    bank = make_sender("bank-a")
+    with override_settings(CELERY_TASK_ALWAYS_EAGER=False, HUB_INBOX_KICK_COALESCE_SECONDS=0.2):
+        for n in range(20):
+            with django_capture_on_commit_callbacks(execute=True):
+                outbox.outbox_enqueue(institution=bank.institution, type="carbon.redemption.requested", data={"n": n})
+        assert len(sent) == 1
+        assert wait_for(lambda: len(sent) == 2)
 
 
 # --- The schema ---------------------------------------------------------------------------------------
