@@ -166,6 +166,11 @@ class InboxEvent(models.Model):
             models.Index(
                 fields=["status", "type"], condition=Q(status__in=["quarantined", "dead"]), name="inbox_needs_attention"
             ),
+            # The few rows that keep a sealed subject (account events), found by subject when the
+            # person it was linked to is erased; activities stay out of it.
+            models.Index(
+                fields=["institution", "subject_ref"], condition=~Q(subject_sealed=""), name="inbox_sealed_subject"
+            ),
         ]
 
     def __str__(self) -> str:

@@ -35,7 +35,7 @@ from django.utils import timezone
 from rest_framework.authtoken.models import Token
 
 from institutions import crypto
-from institutions.models import Institution
+from institutions.models import InboxEvent, Institution
 from ledger.models import Account, AccountKind
 from ledger.services import AccountKey, TransferSpec, accounts_ensure, sweep_keys, transfers_post
 from methodology.books import owners_lock, person_owner, subject_owner
@@ -367,7 +367,8 @@ def person_erase(*, person: Person) -> PersonErased:
       earlier erasure and the lot received points since, ``...:after-<last posting id>``). Issuer
       totals therefore still balance (ledger invariant 4).
     - Memberships (links), link codes and the stored answers to the person's redemption requests
-      (their Idempotency-Keys) are deleted; redemptions stay, pseudonymous; link attempts stay for the
+      (their Idempotency-Keys) are deleted, and so are the sealed subject ids on the handled account
+      events of the person's subjects; redemptions stay, pseudonymous; link attempts stay for the
       institutions' failure budgets, detached from the person. The subject's later events find no link
       and are held for the subject, as for anyone unlinked.
     - The Django user is deleted, and with it its API token; the person can no longer sign in or use
@@ -430,7 +431,14 @@ def person_erase(*, person: Person) -> PersonErased:
         transfers = len(created)
 
     LinkAttempt.objects.filter(person=person).update(person=None)
+    pairs = set(Membership.objects.filter(person=person).values_list("institution_id", "subject_ref"))
     links_deleted, _ = Membership.objects.filter(person=person).delete()
+    # The sealed subject ids kept on the handled account events of those subjects: with them the hub
+    # could still name the erased person's accounts. Events not handled yet keep theirs (they need it).
+    for institution_id, subject_ref in pairs:
+        InboxEvent.objects.filter(institution_id=institution_id, subject_ref=subject_ref).exclude(
+            subject_sealed=""
+        ).exclude(status=InboxEvent.Status.RECEIVED).update(subject_sealed="")
     # The answers kept for the person's Idempotency-Keys: the person can make no request any more, so
     # nothing will replay them. The redemptions themselves stay, pseudonymous, with the books.
     from settlement.models import RedemptionRequest  # settlement builds on wallets, not the reverse

@@ -185,6 +185,22 @@ def test_erasure_forfeits_the_points_and_keeps_the_history_pseudonymous(client, 
     assert signup.status_code == 201
 
 
+def test_erasure_clears_the_sealed_subject_ids_of_the_persons_account_events(client, bank, other_bank, deliver, mei):
+    person, _ = mei
+    other, other_token = make_person("lin")
+    deliver(bank, link_event(new_code(client, other_token), subject="lin@a"))
+    account_events = InboxEvent.objects.filter(type__in=["carbon.account.linked", "carbon.account.unlinked"])
+    mei_refs = set(Membership.objects.filter(person=person).values_list("subject_ref", flat=True))
+    assert len(mei_refs) == 2  # at Bank A, and the unlinked one at Bank B
+    assert account_events.filter(subject_ref__in=mei_refs).exclude(subject_sealed="").count() == 3
+
+    person_erase(person=person)
+
+    assert not account_events.filter(subject_ref__in=mei_refs).exclude(subject_sealed="").exists()
+    lin_ref = Membership.objects.get(person=other).subject_ref
+    assert account_events.get(subject_ref=lin_ref).subject_sealed  # another person's stays
+
+
 def test_after_erasure_the_subjects_events_are_held_for_the_subject(client, bank, deliver, mei):
     person, _ = mei
     person_erase(person=person)
