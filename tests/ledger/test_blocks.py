@@ -257,3 +257,59 @@ def test_database_and_python_write_created_at_alike():
         posting = Posting.objects.get(pk=posting_id)
         assert created_text == merkle.utc_text(posting.created_at)
     assert merkle.utc_text(datetime(2028, 1, 2, 3, 4, 5, tzinfo=UTC)) == "2028-01-02T03:04:05.000000Z"
+
+
+def verify_with_head(head: str) -> tuple[int, str]:
+    out = StringIO()
+    try:
+        call_command("ledger_verify", "--expect-head", head, stdout=out)
+    except CommandError as exc:
+        return exc.returncode, out.getvalue() + str(exc)
+    return 0, out.getvalue()
+
+
+def recorded_head() -> str:
+    code, output = verify()
+    assert code == 0, output
+    (line,) = [line for line in output.splitlines() if line.startswith("Chain head: ")]
+    return line.removeprefix("Chain head: ")
+
+
+@pytest.mark.django_db
+def test_the_recorded_head_verifies_while_the_chain_grows():
+    for n in range(2):
+        post_credits(2, prefix=f"batch{n}")
+        blocks_seal(signer=hub_signer())
+    head = recorded_head()
+    assert head == f"2:{Block.objects.get(height=2).hash}"
+    post_credits(2, prefix="later")
+    blocks_seal(signer=hub_signer())
+    code, output = verify_with_head(head)
+    assert code == 0, output
+    assert "Chain head: 3:" in output
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db
+def test_deleting_the_newest_blocks_is_caught_against_the_recorded_head():
+    """The chain alone cannot tell the newest blocks were removed; the head recorded outside the hub can."""
+    for n in range(3):
+        post_credits(2, prefix=f"batch{n}")
+        blocks_seal(signer=hub_signer())
+    head = recorded_head()
+    sql("SET CONSTRAINTS ALL IMMEDIATE")
+    sql("SET session_replication_role = replica")  # every trigger and key check off: an attacker with the database
+    sql("UPDATE ledger_transfer SET block_id = NULL WHERE block_id = (SELECT id FROM ledger_block WHERE height = 3)")
+    sql("DELETE FROM ledger_block WHERE height = 3")
+    sql("SET session_replication_role = origin")
+
+    assert verify()[0] == 0  # the two blocks left still chain and verify
+    code, output = verify_with_head(head)
+    assert code == 1
+    assert f"the recorded head {head} is missing" in output
+
+
+@pytest.mark.django_db
+def test_a_malformed_head_is_refused():
+    with pytest.raises(CommandError, match="HEIGHT:HASH"):
+        call_command("ledger_verify", "--expect-head", "3:nothex", stdout=StringIO())
