@@ -174,6 +174,22 @@ def test_database_refuses_editing_an_obligation(banks):
     assert Obligation.objects.get(pk=o.pk).cycle_id == cycle.pk
 
 
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="the append-only trigger is PostgreSQL's")
+def test_the_cut_may_only_set_the_cycle_and_a_cycle_with_obligations_stays(banks):
+    [o] = obligations_record(source="x", obligations=[ObligationSpec(banks["A"], banks["B"], 40)], now=T0)
+    cycle = Cycle.objects.create(cut_off_at=T0 + timedelta(hours=1))
+    # Setting the cycle together with anything else is not the cut's write: refused.
+    with pytest.raises(DatabaseError), transaction.atomic():
+        Obligation.objects.filter(pk=o.pk).update(cycle=cycle, amount_minor=41)
+    with pytest.raises(DatabaseError), transaction.atomic():
+        Obligation.objects.filter(pk=o.pk).update(cycle=cycle, source="y")
+    assert Obligation.objects.filter(pk=o.pk).update(cycle=cycle) == 1
+    with pytest.raises(DatabaseError, match="has obligations"), transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute("DELETE FROM settlement_cycle WHERE id = %s", [cycle.pk])
+    empty = Cycle.objects.create(cut_off_at=T0 + timedelta(hours=2))
+    empty.delete()  # a cycle nothing names (a cut that lost a race) still can be
+
+
 def test_redemption_obligations_at_the_price_in_force(banks):
     a, b, d = banks["A"], banks["B"], banks["D"]
     SettlementPrice.objects.create(fen_per_thousand_points=12, valid_from=T0 - timedelta(days=1))
