@@ -22,6 +22,7 @@ from django.template.response import TemplateResponse
 from django.utils.cache import add_never_cache_headers
 from django.utils.html import format_html
 
+from clearinghouse.admin import ReadOnlyAdmin, ReadOnlyInline
 from clearinghouse.errors import HubError
 from institutions import crypto, services
 from institutions.envelope import EVENT_TYPES
@@ -102,19 +103,11 @@ class InstitutionChangeForm(forms.ModelForm):
         fields = ["name", "endpoint_url", "is_provider", "rate_limit_per_second"]
 
 
-class CredentialInline(admin.TabularInline):
+class CredentialInline(ReadOnlyInline):
     model = Credential
     fields = readonly_fields = ("kind", "status", "hint", "public_key_display", "created_at", "retired_at")
-    extra = 0
-    can_delete = False
     show_change_link = True
     ordering = ["status", "-created_at"]
-
-    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
 
     @admin.display(description="public key")
     def public_key_display(self, credential: Credential) -> str:
@@ -295,7 +288,7 @@ def _public_key_display(credential: Credential) -> str:
 
 
 @admin.register(Credential)
-class CredentialAdmin(admin.ModelAdmin):
+class CredentialAdmin(ReadOnlyAdmin):
     list_display = ["institution", "kind", "status", "hint", "created_at", "retired_at"]
     list_filter = ["kind", "status"]
     search_fields = ["institution__code", "hint"]
@@ -310,16 +303,8 @@ class CredentialAdmin(admin.ModelAdmin):
         "created_at",
         "retired_at",
     )
+    # Never added here: credentials are issued from the institution's actions, through the services.
     actions = ["retire"]
-
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False  # credentials are issued from the institution's actions, through the services
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
 
     def has_retire_permission(self, request: HttpRequest) -> bool:
         return request.user.has_perm("institutions.change_credential")
@@ -352,19 +337,10 @@ class CredentialAdmin(admin.ModelAdmin):
 
 
 @admin.register(HubKey)
-class HubKeyAdmin(admin.ModelAdmin):
+class HubKeyAdmin(ReadOnlyAdmin):
     list_display = ["key_id", "public_key", "status", "created_at"]
     list_filter = ["status"]
     fields = readonly_fields = ("key_id", "public_key", "status", "created_at")  # never the sealed private half
-
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
 
 
 # --- Inbox ------------------------------------------------------------------------------------------
@@ -402,7 +378,7 @@ class AwaitingHandlerFilter(admin.SimpleListFilter):
 
 
 @admin.register(InboxEvent)
-class InboxEventAdmin(admin.ModelAdmin):
+class InboxEventAdmin(ReadOnlyAdmin):
     list_display = [
         "event_id",
         "institution",
@@ -443,15 +419,6 @@ class InboxEventAdmin(admin.ModelAdmin):
     )
     actions = ["replay"]
 
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
     def has_replay_permission(self, request: HttpRequest) -> bool:
         return request.user.has_perm("institutions.change_inboxevent")
 
@@ -487,18 +454,10 @@ class InboxEventAdmin(admin.ModelAdmin):
 # --- Outbox -----------------------------------------------------------------------------------------
 
 
-class DeliveryAttemptInline(admin.TabularInline):
+class DeliveryAttemptInline(ReadOnlyInline):
     model = DeliveryAttempt
     fields = readonly_fields = ("attempted_at", "status_code", "error", "duration_ms")
-    extra = 0
-    can_delete = False
     ordering = ["id"]
-
-    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
 
 
 class OutboxTypeFilter(admin.SimpleListFilter):
@@ -516,7 +475,7 @@ class OutboxTypeFilter(admin.SimpleListFilter):
 
 
 @admin.register(OutboxMessage)
-class OutboxMessageAdmin(admin.ModelAdmin):
+class OutboxMessageAdmin(ReadOnlyAdmin):
     list_display = [
         "message_id",
         "institution",
@@ -550,15 +509,6 @@ class OutboxMessageAdmin(admin.ModelAdmin):
     )
     inlines = [DeliveryAttemptInline]
     actions = ["retry_now", "replay"]
-
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
 
     def has_resend_permission(self, request: HttpRequest) -> bool:
         return request.user.has_perm("institutions.change_outboxmessage")

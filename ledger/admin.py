@@ -8,21 +8,9 @@ from django.contrib import admin
 from django.http import HttpRequest
 from django.utils.html import format_html
 
+from clearinghouse.admin import ReadOnlyAdmin, ReadOnlyInline
 from ledger.models import Account, Block, Posting, Transfer
 from ledger.selectors import block_status_recall, block_status_remember, block_verify
-
-
-class ReadOnlyAdmin(admin.ModelAdmin):
-    """View only: no add, change or delete, whatever the user's permissions."""
-
-    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
 
 
 def milligrams(value: int) -> str:
@@ -45,22 +33,14 @@ class AccountAdmin(ReadOnlyAdmin):
         return milligrams(obj.balance)
 
 
-class PostingInline(admin.TabularInline):
+class PostingInline(ReadOnlyInline):
     model = Posting
     fields = ("id", "account", "amount", "created_at")
     readonly_fields = fields
     ordering = ("id",)
-    extra = 0
-    can_delete = False
 
     def get_queryset(self, request: HttpRequest) -> Any:
         return super().get_queryset(request).select_related("account")
-
-    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
 
 
 @admin.register(Transfer)

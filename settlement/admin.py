@@ -21,9 +21,10 @@ from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.urls import URLPattern, path, reverse
 from django.utils.html import format_html
 
+from clearinghouse.admin import ReadOnlyAdmin, ReadOnlyInline
 from clearinghouse.errors import HubError
 from institutions.models import Institution
-from ledger.admin import ReadOnlyAdmin, milligrams
+from ledger.admin import milligrams
 from ledger.models import Transfer
 from settlement.models import (
     Confirmation,
@@ -39,17 +40,6 @@ from settlement.models import (
 )
 from settlement.selectors import statements, statements_csv
 from settlement.services import cycle_resend, cycle_run, redemption_void, reward_create
-
-
-class ReadOnlyInline(admin.TabularInline):
-    extra = 0
-    can_delete = False
-
-    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
 
 
 def _party(institution: Any) -> str:
@@ -402,21 +392,13 @@ class RewardAdmin(admin.ModelAdmin):
         obj._state.adding = False
 
 
-class AllocationInline(admin.TabularInline):
+class AllocationInline(ReadOnlyInline):
     model = RedemptionAllocation
     fields = readonly_fields = ("lot", "issuer", "expires_on", "amount")
     ordering = ("id",)
-    extra = 0
-    can_delete = False
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[RedemptionAllocation]:
         return super().get_queryset(request).select_related("lot", "issuer")
-
-    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
 
     @admin.display(description="amount")
     def amount(self, allocation: RedemptionAllocation) -> str:
