@@ -74,17 +74,54 @@ TARGETS = {
 # --- Command line -----------------------------------------------------------------------------------
 
 
+def add_load_arguments(parser: argparse.ArgumentParser) -> None:
+    """The load generator's options, shared with the other HTTP benchmarks (``bench/redeem.py``)."""
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per measured phase")
+    parser.add_argument("--warmup", type=float, default=3.0, help="seconds of unrecorded warm-up per phase")
+    parser.add_argument("--repeats", type=int, default=3, help="measurements per phase; medians are reported")
+    parser.add_argument("--clients", type=int, default=16, help="concurrent connections (wrk -c)")
+    parser.add_argument("--wrk-threads", type=int, default=1, help="wrk threads (one keeps the client to one core)")
+
+
+def add_server_arguments(parser: argparse.ArgumentParser, *, port: int, db_name: str, redis_url: str) -> None:
+    """The server's and scratch services' options, shared with the other HTTP benchmarks."""
+    # One process per core (each holds the GIL for its Python work), four threads each to overlap the
+    # waits on PostgreSQL and let concurrent requests share a commit; see docs/performance.md.
+    parser.add_argument("--workers", type=int, default=2, help="gunicorn worker processes")
+    parser.add_argument("--worker-class", default="gthread", help="gunicorn worker class")
+    parser.add_argument("--threads", type=int, default=4, help="gunicorn threads per worker (gthread)")
+    parser.add_argument("--port", type=int, default=port)
+    parser.add_argument(
+        "--pg-admin-url",
+        default="postgres://postgres@127.0.0.1:5432/postgres",
+        help="PostgreSQL connection used to drop and create the bench database",
+    )
+    parser.add_argument("--db-name", default=db_name, help="dropped and recreated on every run")
+    parser.add_argument(
+        "--redis-url", default=redis_url, help="a Redis database for this run only: flushed before and after"
+    )
+    parser.add_argument("--keep-db", action="store_true", help="leave the bench database in place afterwards")
+    parser.add_argument("--no-docs", action="store_true", help=f"do not rewrite {DOCS_FILE.relative_to(ROOT)}")
+    parser.add_argument("--label", default="", help="a note printed with the results (for comparing runs)")
+
+
+def phases_chosen(parser: argparse.ArgumentParser, args: argparse.Namespace, known: tuple[str, ...]) -> None:
+    """Split ``--phases`` into ``args.phases`` and check it and ``--clients`` (argparse errors otherwise)."""
+    args.phases = [p.strip() for p in args.phases.split(",") if p.strip()]
+    unknown = set(args.phases) - set(known)
+    if unknown:
+        parser.error(f"unknown phases: {', '.join(sorted(unknown))}")
+    if args.clients < args.wrk_threads:
+        parser.error("--clients must be at least --wrk-threads")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="bench/intake.py",
         description=__doc__.split("\n\n")[0] if __doc__ else None,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds per measured phase")
-    parser.add_argument("--warmup", type=float, default=3.0, help="seconds of unrecorded warm-up per phase")
-    parser.add_argument("--repeats", type=int, default=3, help="measurements per phase; medians are reported")
-    parser.add_argument("--clients", type=int, default=16, help="concurrent connections (wrk -c)")
-    parser.add_argument("--wrk-threads", type=int, default=1, help="wrk threads (one keeps the client to one core)")
+    add_load_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=500, help="events per request in the batch phase")
     parser.add_argument("--phases", default=",".join(PHASES), help="comma-separated subset of " + ",".join(PHASES))
     parser.add_argument(
@@ -93,33 +130,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="v1",
         help="v1 = HMAC-SHA256, v1a = Ed25519, both = one of each in the header",
     )
-    # One process per core (each holds the GIL for its Python work), four threads each to overlap the
-    # waits on PostgreSQL and let concurrent requests share a commit; see docs/performance.md.
-    parser.add_argument("--workers", type=int, default=2, help="gunicorn worker processes")
-    parser.add_argument("--worker-class", default="gthread", help="gunicorn worker class")
-    parser.add_argument("--threads", type=int, default=4, help="gunicorn threads per worker (gthread)")
-    parser.add_argument("--port", type=int, default=8917)
-    parser.add_argument(
-        "--pg-admin-url",
-        default="postgres://postgres@127.0.0.1:5432/postgres",
-        help="PostgreSQL connection used to drop and create the bench database",
-    )
-    parser.add_argument("--db-name", default="bench_clearinghouse", help="dropped and recreated on every run")
-    parser.add_argument(
-        "--redis-url",
-        default="redis://127.0.0.1:6379/15",
-        help="a Redis database for this run only: flushed before and after",
-    )
-    parser.add_argument("--keep-db", action="store_true", help="leave the bench database in place afterwards")
-    parser.add_argument("--no-docs", action="store_true", help=f"do not rewrite {DOCS_FILE.relative_to(ROOT)}")
-    parser.add_argument("--label", default="", help="a note printed with the results (for comparing runs)")
+    add_server_arguments(parser, port=8917, db_name="bench_clearinghouse", redis_url="redis://127.0.0.1:6379/15")
     args = parser.parse_args(argv)
-    args.phases = [p.strip() for p in args.phases.split(",") if p.strip()]
-    unknown = set(args.phases) - set(PHASES)
-    if unknown:
-        parser.error(f"unknown phases: {', '.join(sorted(unknown))}")
-    if args.clients < args.wrk_threads:
-        parser.error("--clients must be at least --wrk-threads")
+    phases_chosen(parser, args, PHASES)
     return args
 
 

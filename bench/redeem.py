@@ -50,9 +50,12 @@ sys.path.insert(0, str(ROOT))
 
 from bench.intake import (  # noqa: E402 (the path above first)
     CpuMeter,
+    add_load_arguments,
+    add_server_arguments,
     drop_database,
     flush_redis,
     machine_note,
+    phases_chosen,
     recreate_database,
     run_wrk,
     start_server,
@@ -77,41 +80,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0] if __doc__ else None,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds per measured phase")
-    parser.add_argument("--warmup", type=float, default=3.0, help="seconds of unrecorded warm-up per phase")
-    parser.add_argument("--repeats", type=int, default=3, help="measurements per phase; medians are reported")
-    parser.add_argument("--clients", type=int, default=16, help="concurrent connections (wrk -c)")
-    parser.add_argument("--wrk-threads", type=int, default=1, help="wrk threads (one keeps the client to one core)")
+    add_load_arguments(parser)
     parser.add_argument("--phases", default=",".join(PHASES), help="comma-separated subset of " + ",".join(PHASES))
     parser.add_argument("--persons", type=int, default=2000, help="distinct wallets the holds cycle through")
     parser.add_argument("--lots", type=int, default=6, help="wallet lots per person (issuers x months)")
     parser.add_argument("--stock", type=int, default=10_000_000, help="units of the stocked reward")
-    parser.add_argument("--workers", type=int, default=2, help="gunicorn worker processes")
-    parser.add_argument("--worker-class", default="gthread", help="gunicorn worker class")
-    parser.add_argument("--threads", type=int, default=4, help="gunicorn threads per worker (gthread)")
-    parser.add_argument("--port", type=int, default=8918)
-    parser.add_argument(
-        "--pg-admin-url",
-        default="postgres://postgres@127.0.0.1:5432/postgres",
-        help="PostgreSQL connection used to drop and create the bench database",
-    )
-    parser.add_argument("--db-name", default="bench_redeem", help="dropped and recreated on every run")
-    parser.add_argument(
-        "--redis-url", default="redis://127.0.0.1:6379/14", help="a Redis database for this run only: flushed"
-    )
-    parser.add_argument("--keep-db", action="store_true", help="leave the bench database in place afterwards")
-    parser.add_argument("--no-docs", action="store_true", help=f"do not rewrite {DOCS_FILE.relative_to(ROOT)}")
-    parser.add_argument("--label", default="", help="a note printed with the results (for comparing runs)")
+    add_server_arguments(parser, port=8918, db_name="bench_redeem", redis_url="redis://127.0.0.1:6379/14")
     parser.add_argument(
         "--server-side-binding",
         action="store_true",
         help="an experiment: serve with Django's server_side_binding and prepared plans (bench/settings_bench.py)",
     )
     args = parser.parse_args(argv)
-    args.phases = [p.strip() for p in args.phases.split(",") if p.strip()]
-    unknown = set(args.phases) - set(PHASES)
-    if unknown:
-        parser.error(f"unknown phases: {', '.join(sorted(unknown))}")
+    phases_chosen(parser, args, PHASES)
     return args
 
 
