@@ -7,6 +7,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 from celery import shared_task
 from django.conf import settings
@@ -44,18 +45,27 @@ def inbox_kick() -> None:
     if settings.CELERY_TASK_ALWAYS_EAGER:
         inbox.inbox_drain()
         return
+    _enqueue_once(inbox_drain, key=KICK_KEY, ttl=KICK_TTL_SECONDS, name="inbox_kick")
+
+
+def _enqueue_once(task: Any, *, key: str, ttl: int, name: str) -> None:
+    """Enqueue ``task`` unless one is already queued (the Redis key ``key`` lives while it is).
+
+    A failure loses nothing (the beat task finds the rows), so it is logged, never raised; the key is
+    cleared again so the next commit tries afresh.
+    """
     client = redis_client()
     try:
-        if client is not None and not client.set(KICK_KEY, "1", nx=True, ex=KICK_TTL_SECONDS):
+        if client is not None and not client.set(key, "1", nx=True, ex=ttl):
             return
-        inbox_drain.delay()
+        task.delay()
     except Exception:
-        logger.warning("inbox_kick: broker unreachable; the sweeper will enqueue later", exc_info=True)
+        logger.warning("%s: broker unreachable; the beat task will enqueue later", name, exc_info=True)
         if client is not None:
             try:
-                client.delete(KICK_KEY)
+                client.delete(key)
             except Exception:
-                logger.debug("inbox_kick: could not clear the kick key", exc_info=True)
+                logger.debug("%s: could not clear the kick key", name, exc_info=True)
 
 
 class KickCoalescer:
@@ -152,13 +162,7 @@ def deliveries_kick() -> None:
     if settings.CELERY_TASK_ALWAYS_EAGER:
         deliveries_send_due()
         return
-    client = redis_client()
-    try:
-        if client is not None and not client.set(DELIVERY_KICK_KEY, "1", nx=True, ex=DELIVERY_KICK_TTL_SECONDS):
-            return
-        deliveries_send_due.delay()
-    except Exception:
-        logger.warning("deliveries_kick: broker unreachable; the beat task will send later", exc_info=True)
+    _enqueue_once(deliveries_send_due, key=DELIVERY_KICK_KEY, ttl=DELIVERY_KICK_TTL_SECONDS, name="deliveries_kick")
 
 
 # After a commit that enqueued webhooks (a redemption hold, a settlement run): :func:`deliveries_kick`,

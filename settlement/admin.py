@@ -426,16 +426,7 @@ class RedemptionAdmin(ReadOnlyAdmin):
     show_full_result_count = False
     ordering = ("-id",)
     fields = readonly_fields = (
-        "public_id",
-        "person",
-        "reward",
-        "provider",
-        "quantity",
-        "points",
-        "status",
-        "created_at",
-        "hold_expires_at",
-        "resolved_at",
+        *list_display,
         "resolved_by",
         "voucher",
         "reason",
