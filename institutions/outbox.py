@@ -514,9 +514,7 @@ def _results_save(messages: Sequence[OutboxMessage], attempts: Sequence[Delivery
                 array_literal([m.pk for m in messages]),
                 text_array_literal([m.status for m in messages]),
                 instants(m.next_attempt_at for m in messages),
-                "{"
-                + ",".join("NULL" if m.last_status_code is None else str(m.last_status_code) for m in messages)
-                + "}",
+                array_literal([m.last_status_code for m in messages]),
                 text_array_literal([m.last_error for m in messages]),
                 instants(m.delivered_at for m in messages),
             ],

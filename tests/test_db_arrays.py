@@ -21,8 +21,8 @@ texts = st.lists(st.one_of(st.none(), st.text(alphabet=storable)), max_size=20)
 
 @pytest.mark.skipif(connection.vendor != "postgresql", reason="array literals are PostgreSQL syntax")
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(texts=texts, ints=st.lists(st.integers(-(2**63), 2**63 - 1), max_size=20))
-def test_literals_round_trip(texts: list[str | None], ints: list[int]) -> None:
+@given(texts=texts, ints=st.lists(st.one_of(st.none(), st.integers(-(2**63), 2**63 - 1)), max_size=20))
+def test_literals_round_trip(texts: list[str | None], ints: list[int | None]) -> None:
     decimals = [Decimal("1E+3"), Decimal("-12.50"), Decimal("0.000000000001")]
     days = [date(2026, 1, 31), date(1999, 12, 1)]
     with connection.cursor() as cursor:
