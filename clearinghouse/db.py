@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Sequence
 from datetime import date
 from decimal import Decimal
+from functools import cache
 from typing import Any
 
-from django.db import connection, migrations, models
+from django.db import DEFAULT_DB_ALIAS, connection, connections, migrations, models
 
 
 def copy_rows(model: type[models.Model], columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
@@ -49,6 +51,25 @@ def text_array_literal(values: Iterable[str | None]) -> str:
     )
 
 
+def insert_sql(instance: models.Model) -> tuple[str, list[Any]]:
+    """``INSERT INTO <table> (<columns>) VALUES (%s, ...)`` for an unsaved ``instance``, and its parameters:
+    the values ``save()`` would write (defaults applied, prepared for the connection), the automatic
+    primary key left to the database. For a hot path that writes several rows in one statement (as
+    the parts of a ``WITH``); a model's columns stay the model's to name."""
+    db = connections[DEFAULT_DB_ALIAS]  # once: each access through ``connection`` looks it up again
+    sql, fields = _insert_statement(type(instance), db.vendor)
+    return sql, [f.get_db_prep_save(f.pre_save(instance, True), db) for f in fields]
+
+
+@cache
+def _insert_statement(model: type[models.Model], vendor: str) -> tuple[str, list[models.Field[Any, Any]]]:
+    meta = model._meta
+    fields = [f for f in meta.concrete_fields if f is not meta.auto_field]
+    quote = connections[DEFAULT_DB_ALIAS].ops.quote_name
+    columns = ", ".join(quote(str(f.column)) for f in fields)
+    return f"INSERT INTO {quote(meta.db_table)} ({columns}) VALUES ({', '.join(['%s'] * len(fields))})", fields  # noqa: S608
+
+
 def execute_prepared(sql: str, params: Sequence[Any]) -> Any:
     """Run ``sql`` on the default connection, in its current transaction, with server-side parameters and
     a prepared plan that PostgreSQL keeps for the connection: for statements a hot path runs thousands of
@@ -56,13 +77,21 @@ def execute_prepared(sql: str, params: Sequence[Any]) -> Any:
 
     Django binds parameters client-side (its psycopg cursors are ``ClientCursor``s), so PostgreSQL parses
     and plans every statement afresh. Returns the psycopg cursor (``fetchone``, ``fetchall``, ``rowcount``).
-    PostgreSQL only: callers keep their portable path for SQLite.
+    As from Django's own cursors, errors arrive as ``django.db`` exceptions (the psycopg one as their
+    ``__cause__``), and the statement is logged where Django logs queries (``DEBUG``, and the tests'
+    query counts). PostgreSQL only: callers keep their portable path for SQLite.
     """
     import psycopg
 
-    connection.ensure_connection()
-    cursor = psycopg.Cursor(connection.connection)
-    cursor.execute(sql, params, prepare=True)
+    db = connections[DEFAULT_DB_ALIAS]  # once: each access through ``connection`` looks it up again
+    db.ensure_connection()
+    cursor = psycopg.Cursor(db.connection)
+    logged = db.queries_logged
+    started = time.monotonic() if logged else 0.0
+    with db.wrap_database_errors:
+        cursor.execute(sql, params, prepare=True)
+    if logged:
+        db.queries_log.append({"sql": sql, "time": f"{time.monotonic() - started:.3f}"})
     return cursor
 
 

@@ -101,6 +101,17 @@ def outbox_enqueue(
     The CloudEvent is built here, once: its ``id`` is the ``webhook-id`` of every attempt.
     Delivery starts after the surrounding transaction commits (and never if it rolls back).
     """
+    message = outbox_message(institution_id=institution.pk, type=type, data=data, subject=subject)
+    message.save(force_insert=True)
+    outbox_deliver_after_commit()
+    return message
+
+
+def outbox_message(
+    *, institution_id: int, type: str, data: dict[str, Any], subject: str | None = None
+) -> OutboxMessage:
+    """The webhook as :func:`outbox_enqueue` stores it, not yet saved: for a hot path that inserts it
+    together with its own rows in one statement, and then calls :func:`outbox_deliver_after_commit`."""
     message_id = f"msg_{uuid.uuid4().hex}"
     now = timezone.now()
     event: dict[str, Any] = {
@@ -114,18 +125,21 @@ def outbox_enqueue(
     }
     if subject is not None:
         event["subject"] = subject
-    message = OutboxMessage.objects.create(
-        institution=institution,
+    return OutboxMessage(
+        institution_id=institution_id,
         message_id=message_id,
         type=type,
         body=json.dumps(event, cls=DjangoJSONEncoder, separators=(",", ":"), ensure_ascii=False),
         next_attempt_at=now,
         created_at=now,
     )
+
+
+def outbox_deliver_after_commit() -> None:
+    """Wake the delivery worker once the surrounding transaction has committed a message."""
     from institutions.tasks import deliveries_kick_soon
 
     transaction.on_commit(deliveries_kick_soon, robust=True)
-    return message
 
 
 # --- Schedule ---------------------------------------------------------------------------------------

@@ -32,18 +32,22 @@ def owners_lock(keys: Iterable[str]) -> None:
     """
     if connection.vendor != "postgresql":
         return
-    ids = _lock_ids
-    if len(ids) > _LOCK_IDS_KEPT:
-        ids.clear()
-    lock_ids = sorted({ids.get(k) or ids.setdefault(k, _lock_id(k)) for k in keys})
+    lock_ids = sorted({owner_lock_id(k) for k in keys})
     if lock_ids:
         with connection.cursor() as cursor:
             # unnest yields the array in order and the projection runs row by row: locks follow the sort.
             cursor.execute("SELECT pg_advisory_xact_lock(x) FROM unnest(%s::bigint[]) AS x", [array_literal(lock_ids)])
 
 
-def _lock_id(key: str) -> int:
-    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big", signed=True)
+def owner_lock_id(key: str) -> int:
+    """The advisory lock id of an owner key, for a caller that takes the lock in its own SQL."""
+    ids = _lock_ids
+    found = ids.get(key)
+    if found is None:
+        if len(ids) > _LOCK_IDS_KEPT:
+            ids.clear()
+        found = ids[key] = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big", signed=True)
+    return found
 
 
 # Owner key -> advisory lock id, remembered per process (the same owners come back batch after batch).

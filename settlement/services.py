@@ -14,24 +14,24 @@ import re
 import uuid
 from collections import defaultdict, deque
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
 from django.conf import settings
-from django.db import IntegrityError, connection, transaction
+from django.db import DatabaseError, IntegrityError, connection, transaction
 from django.db.models import F, Q, Sum
 from django.utils import timezone
 
-from clearinghouse.db import execute_prepared
+from clearinghouse.db import execute_prepared, insert_sql
 from institutions import crypto
 from institutions.models import Institution, OutboxMessage
-from institutions.outbox import outbox_enqueue, outbox_replay
+from institutions.outbox import outbox_deliver_after_commit, outbox_enqueue, outbox_message, outbox_replay
 from ledger.exceptions import InsufficientBalance
 from ledger.models import Account, AccountKind, TransferKind
 from ledger.services import AccountKey, TransferSpec, accounts_ensure, transfers_post
-from methodology.books import owners_lock, person_owner
+from methodology.books import owner_lock_id, owners_lock, person_owner
 from settlement import netting
 from settlement.digest import (
     CARRY_SOURCE_PREFIX,
@@ -686,17 +686,54 @@ def redemption_request_hash(*, reward_code: str, quantity: int) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+def _request_lock_id(person_id: int, key: str) -> int:
+    """The advisory lock id of (person, Idempotency-Key): held by the transaction answering it."""
+    digest = hashlib.blake2b(f"redemption-request\x00{person_id}\x00{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
 def _request_lock_try(person_id: int, key: str) -> bool:
     """Take the transaction's advisory lock on (person, key) if free; False while another request holds it.
 
     SQLite runs one writer at a time, so there no request is ever in flight beside another."""
     if connection.vendor != "postgresql":
         return True
-    digest = hashlib.blake2b(f"redemption-request\x00{person_id}\x00{key}".encode(), digest_size=8).digest()
     with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_try_advisory_xact_lock(%s)", [int.from_bytes(digest, "big", signed=True)])
+        cursor.execute("SELECT pg_try_advisory_xact_lock(%s)", [_request_lock_id(person_id, key)])
         row = cursor.fetchone()
     return bool(row and row[0])
+
+
+def _key_in_flight() -> IdempotencyKeyInFlight:
+    return IdempotencyKeyInFlight(
+        "A request with this Idempotency-Key is still running; retry shortly.", headers={"Retry-After": "1"}
+    )
+
+
+def _replayed(request_hash: str, status_code: int, response: Any, digest: str) -> RedemptionAnswer:
+    """The stored answer of a key sent again; :class:`IdempotencyKeyReused` if the request differs."""
+    if request_hash != digest:
+        raise IdempotencyKeyReused(
+            "This Idempotency-Key was used for another request; use a new key for a new redemption."
+        )
+    body = json.loads(response) if isinstance(response, str) else response
+    return RedemptionAnswer(status=status_code, body=body, replayed=True)
+
+
+def _refusal_stored(
+    refusal: RedemptionRefused, *, person_id: int, key: str, digest: str, now: datetime
+) -> RedemptionAnswer:
+    """Store a refusal found before anything was written as the key's answer, and return it."""
+    answer = RedemptionAnswer(status=refusal.status, body=refusal.problem())
+    RedemptionRequest.objects.create(
+        person_id=person_id,
+        key=key,
+        request_hash=digest,
+        status_code=answer.status,
+        response=answer.body,
+        created_at=now,
+    )
+    return answer
 
 
 def redemption_request(
@@ -718,15 +755,28 @@ def redemption_request(
     cause after the writes began (a lot swept by the expiry job, the last unit of stock taken by a
     concurrent hold) roll the whole transaction back instead and store nothing: a retry with the key
     decides afresh. Errors other than refusals store nothing either.
+
+    On PostgreSQL the locks, checks and writes are one call of the database function
+    ``settlement_redemption_hold`` (see :func:`_hold_in_database`); elsewhere the same steps run here.
     """
     key = idempotency_key_clean(idempotency_key)
     digest = redemption_request_hash(reward_code=reward_code, quantity=quantity)
+    _quantity_checked(quantity)
     now = now or timezone.now()
     with transaction.atomic():
+        if _hold_in_database():
+            outcome = _hold_call(person_id=person.pk, key=key, reward_code=reward_code, quantity=quantity, now=now)
+            if outcome.kind == "in-flight":
+                raise _key_in_flight()
+            if outcome.kind == "stored":
+                return _replayed(outcome.request_hash, outcome.status, outcome.response, digest)
+            if outcome.refusal is not None:
+                return _refusal_stored(outcome.refusal, person_id=person.pk, key=key, digest=digest, now=now)
+            body = _held_record(outcome, person_id=person.pk, answer_key=(key, digest))
+            return RedemptionAnswer(status=201, body=body)
+
         if not _request_lock_try(person.pk, key):
-            raise IdempotencyKeyInFlight(
-                "A request with this Idempotency-Key is still running; retry shortly.", headers={"Retry-After": "1"}
-            )
+            raise _key_in_flight()
         owners_lock([person_owner(person.pk)])
         stored, _ = _run(
             f"SELECT request_hash, status_code, response FROM {RedemptionRequest._meta.db_table}"  # noqa: S608
@@ -735,25 +785,11 @@ def redemption_request(
         )
         if stored:
             ((request_hash, status_code, response),) = stored
-            if request_hash != digest:
-                raise IdempotencyKeyReused(
-                    "This Idempotency-Key was used for another request; use a new key for a new redemption."
-                )
-            body = json.loads(response) if isinstance(response, str) else response
-            return RedemptionAnswer(status=status_code, body=body, replayed=True)
+            return _replayed(request_hash, status_code, response, digest)
         try:
             plan = _hold_plan(person_id=person.pk, reward_code=reward_code, quantity=quantity, now=now)
         except RedemptionRefused as refusal:  # raised before anything was written
-            answer = RedemptionAnswer(status=refusal.status, body=refusal.problem())
-            RedemptionRequest.objects.create(
-                person_id=person.pk,
-                key=key,
-                request_hash=digest,
-                status_code=answer.status,
-                response=answer.body,
-                created_at=now,
-            )
-            return answer
+            return _refusal_stored(refusal, person_id=person.pk, key=key, digest=digest, now=now)
         _, body = _hold_write(plan, answer_key=(key, digest))
         return RedemptionAnswer(status=201, body=body)
 
@@ -774,20 +810,22 @@ def spendable_lots(*, person_id: int, today: date) -> tuple[list[_Lot], int]:
     """The person's live wallet lots with points, soonest-expiring first (then issuer, then account id),
     and the milligrams they owe back (debts, >= 0). Read under the person's owner lock to be current.
 
-    One query through the ledger's ``ledger_account_person`` index, with the issuers' codes joined in."""
+    One query through the ledger's ``ledger_account_person`` index, with the issuers' codes joined in. The
+    expiry is tested here, not in the query: there the prepared statement's generic plan ANDed the
+    person's index with the lots' expiry index, a scan of every live lot in the hub. Lapsed lots with
+    points are few (the expiry job sweeps them)."""
     rows, _ = _run(
         f"""SELECT a.id, a.kind, a.issuer_id, i.code, a.expires_on, a.balance
               FROM {Account._meta.db_table} a JOIN {Institution._meta.db_table} i ON i.id = a.issuer_id
-             WHERE a.person_id = %s
-               AND (a.kind = %s AND a.balance > 0 AND a.expires_on >= %s OR a.kind = %s AND a.balance < 0)""",  # noqa: S608
-        [person_id, str(AccountKind.WALLET_LOT), today, str(AccountKind.DEBT)],
+             WHERE a.person_id = %s AND (a.kind = %s AND a.balance > 0 OR a.kind = %s AND a.balance < 0)""",  # noqa: S608
+        [person_id, str(AccountKind.WALLET_LOT), str(AccountKind.DEBT)],
     )
     lots: list[_Lot] = []
     owed = 0
     for account_id, kind, issuer_id, code, expires_on, balance in rows:
         if kind == AccountKind.DEBT:
             owed -= balance
-        else:
+        elif expires_on >= today:
             lots.append(_Lot(account_id, issuer_id, code, expires_on, balance))
     lots.sort(key=lambda lot: (lot.expires_on, lot.issuer_id, lot.account_id))
     return lots, owed
@@ -875,10 +913,51 @@ def redemption_hold(
     the provider in this transaction, and takes the stock last (a conditional ``UPDATE``, so the reward
     row is locked only from there to the commit). Raises before committing anything otherwise.
     """
+    _quantity_checked(quantity)
+    if _hold_in_database():
+        outcome = _hold_call(
+            person_id=person.pk, key=None, reward_code=reward_code, quantity=quantity, now=now, today=today
+        )
+        if outcome.refusal is not None:
+            raise outcome.refusal
+        _held_record(outcome, person_id=person.pk)
+        return Redemption.objects.get(pk=outcome.redemption_pk)
     owners_lock([person_owner(person.pk)])
     plan = _hold_plan(person_id=person.pk, reward_code=reward_code, quantity=quantity, now=now, today=today)
     redemption_id, _ = _hold_write(plan)
     return Redemption.objects.get(pk=redemption_id)
+
+
+def _points_gone() -> InsufficientPoints:
+    """A lot read by a hold was swept by the expiry job before the hold's transfer (the race both paths
+    catch after their writes began: the transaction rolls back, and a retry decides afresh)."""
+    return InsufficientPoints("Some of the points lapsed just now; try again.")
+
+
+def _quantity_checked(quantity: int) -> None:
+    if isinstance(quantity, bool) or not isinstance(quantity, int) or quantity <= 0:
+        raise InvalidReward("The quantity must be a positive integer.")
+
+
+def _refusal(code: str, reward: str, figures: dict[str, int]) -> RedemptionRefused:
+    """A hold's refusal, worded the same whichever path found it (the checks below or the database's)."""
+    if code == RewardNotFound.code:
+        return RewardNotFound(f"No reward {reward!r}.")
+    if code == RewardUnavailable.code:
+        return RewardUnavailable(f"The reward {reward!r} is not offered now.")
+    if code == OutOfStock.code:
+        return OutOfStock(f"Only {figures['stock']} of {reward!r} left.", stock=figures["stock"])
+    if code == RedemptionLimitReached.code:
+        limit, taken = figures["limit"], figures["taken"]
+        return RedemptionLimitReached(
+            f"At most {limit} of {reward!r} per person; you have {taken}.", limit=limit, taken=taken
+        )
+    if code == InsufficientPoints.code:
+        points, available = figures["points"], max(figures["available_mg"], 0) // MG_PER_POINT
+        return InsufficientPoints(
+            f"{points} points are needed; {available} can be spent.", points=points, available_points=available
+        )
+    raise ValueError(f"unknown refusal {code!r}")
 
 
 def _hold_plan(
@@ -887,33 +966,25 @@ def _hold_plan(
     """The checks of :func:`redemption_hold`, reading only; the caller holds the person's owner lock."""
     now = now or timezone.now()
     today = today or standard_today()
-    if isinstance(quantity, bool) or not isinstance(quantity, int) or quantity <= 0:
-        raise InvalidReward("The quantity must be a positive integer.")
+    _quantity_checked(quantity)
     offer = _offer(reward_code=reward_code, person_id=person_id)
     if offer is None:
-        raise RewardNotFound(f"No reward {reward_code!r}.")
+        raise _refusal(RewardNotFound.code, reward_code, {})
     if not (
         window_open(offer.active_from, offer.active_until, now) and offer.provider_active and offer.provider_is_provider
     ):
-        raise RewardUnavailable(f"The reward {offer.code!r} is not offered now.")
+        raise _refusal(RewardUnavailable.code, offer.code, {})
     if offer.stock is not None and offer.stock < quantity:
-        raise OutOfStock(f"Only {offer.stock} of {offer.code!r} left.", stock=offer.stock)
+        raise _refusal(OutOfStock.code, offer.code, {"stock": offer.stock})
     if offer.per_person_limit is not None and offer.units_taken + quantity > offer.per_person_limit:
-        raise RedemptionLimitReached(
-            f"At most {offer.per_person_limit} of {offer.code!r} per person; you have {offer.units_taken}.",
-            limit=offer.per_person_limit,
-            taken=offer.units_taken,
-        )
+        figures = {"limit": offer.per_person_limit, "taken": offer.units_taken}
+        raise _refusal(RedemptionLimitReached.code, offer.code, figures)
     points = offer.points * quantity
     lots, owed = spendable_lots(person_id=person_id, today=today)
     available = sum(lot.balance for lot in lots) - owed
     left = points * MG_PER_POINT
     if left > available:
-        raise InsufficientPoints(
-            f"{points} points are needed; {max(available, 0) // MG_PER_POINT} can be spent.",
-            points=points,
-            available_points=max(available, 0) // MG_PER_POINT,
-        )
+        raise _refusal(InsufficientPoints.code, offer.code, {"points": points, "available_mg": available})
     taken_from: list[tuple[_Lot, int]] = []
     for lot in lots:
         if not left:
@@ -970,18 +1041,12 @@ def _hold_write(plan: _HoldPlan, *, answer_key: tuple[str, str] | None = None) -
             ]
         )
     except InsufficientBalance as exc:  # a lot was swept by the expiry job since it was read
-        raise InsufficientPoints(f"{plan.points} points are needed; some lapsed just now.", points=plan.points) from exc
+        raise _points_gone() from exc
     outbox_enqueue(
         # The provider's columns read with the offer: all the outbox row needs of it is its id.
         institution=Institution(id=offer.provider_id, code=offer.provider_code, is_provider=True),
         type=REDEMPTION_REQUESTED,
-        data={
-            "redemption_id": public_id,
-            "reward": offer.code,
-            "points": plan.points,
-            "quantity": plan.quantity,
-            "subject": crypto.unseal(offer.subject_sealed) if offer.subject_sealed else None,
-        },
+        data=_requested_data(public_id, offer.code, plan.points, plan.quantity, offer.subject_sealed),
     )
     # The stock last, so the reward row is locked only until the commit; the UPDATE re-checks it.
     if offer.stock is not None:
@@ -1092,6 +1157,146 @@ def _hold_accounts(redemption_id: int, issuer_ids: Iterable[int]) -> dict[int, i
         keys=[AccountKey.redemption_hold(redemption_id=redemption_id, issuer_id=issuer_id) for issuer_id in issuer_ids]
     )
     return {key.issuer_id: account_id for key, account_id in keys.items()}
+
+
+def _requested_data(
+    public_id: str, reward: str, points: int, quantity: int, subject_sealed: str | None
+) -> dict[str, Any]:
+    """The data of ``carbon.redemption.requested``: the person's subject id at the provider, if linked."""
+    return {
+        "redemption_id": public_id,
+        "reward": reward,
+        "points": points,
+        "quantity": quantity,
+        "subject": crypto.unseal(subject_sealed) if subject_sealed else None,
+    }
+
+
+# --- The hold in the database (PostgreSQL) ---------------------------------------------------------------
+
+
+def _hold_in_database() -> bool:
+    """Whether holds run as the database function ``settlement_redemption_hold`` (settlement migration
+    0006): on PostgreSQL unless ``HUB_REDEMPTION_HOLD_IN_DATABASE`` is off. One round trip instead of the
+    portable path's eighteen; the same decisions and rows (``tests/settlement/test_hold_engines.py``)."""
+    return connection.vendor == "postgresql" and settings.HUB_REDEMPTION_HOLD_IN_DATABASE
+
+
+@dataclass(frozen=True, slots=True)
+class _HoldOutcome:
+    """What ``settlement_redemption_hold`` answered (its migration describes each ``kind``)."""
+
+    kind: str  # in-flight, stored, refused, held
+    public_id: str
+    quantity: int
+    now: datetime
+    hold_expires_at: datetime
+    refusal: RedemptionRefused | None = None
+    request_hash: str = ""
+    status: int = 0
+    response: Any = None
+    redemption_pk: int = 0
+    reward: str = ""
+    provider_id: int = 0
+    provider_code: str = ""
+    points: int = 0
+    subject_sealed: str | None = None
+    milligrams: dict[str, int] | None = None
+
+
+_HOLD_CALL = (
+    "SELECT settlement_redemption_hold(%s::bigint, %s::bigint, %s::bigint, %s::text, %s::text, %s::integer,"
+    " %s::timestamptz, %s::date, %s::text, %s::timestamptz)"
+)
+
+
+def _hold_call(
+    *, person_id: int, key: str | None, reward_code: str, quantity: int, now: datetime | None, today: date | None = None
+) -> _HoldOutcome:
+    """Call ``settlement_redemption_hold`` in the caller's transaction. Raises :class:`InsufficientPoints`
+    or :class:`OutOfStock` when a concurrent change beat the hold after its writes began (the caller's
+    transaction must then roll back, as it will when the exception leaves its ``atomic``)."""
+    now = now or timezone.now()
+    public_id = new_redemption_id()
+    hold_expires_at = now + timedelta(hours=settings.HUB_REDEMPTION_HOLD_HOURS)
+    params = [
+        person_id,
+        owner_lock_id(person_owner(person_id)),
+        _request_lock_id(person_id, key) if key is not None else None,
+        key,
+        reward_code,
+        quantity,
+        now,
+        today or standard_today(),
+        public_id,
+        hold_expires_at,
+    ]
+    try:
+        (returned,) = execute_prepared(_HOLD_CALL, params).fetchone()
+    except DatabaseError as exc:
+        sqlstate = getattr(exc.__cause__, "sqlstate", None)
+        if sqlstate == "CH001":
+            raise _points_gone() from exc
+        if sqlstate == "CH002":
+            raise OutOfStock(f"{reward_code!r} ran out just now.", stock=0) from exc
+        raise
+    # Django's connections load json as text (its JSONField parses it).
+    answer = json.loads(returned) if isinstance(returned, str) else returned
+    base = _HoldOutcome(answer["outcome"], public_id, quantity, now, hold_expires_at)
+    if base.kind == "stored":
+        return replace(base, request_hash=answer["request_hash"], status=answer["status"], response=answer["response"])
+    if base.kind == "refused":
+        figures = {name: value for name, value in answer.items() if name not in ("outcome", "code")}
+        if "available" in figures:
+            figures["available_mg"] = figures.pop("available")
+        return replace(base, refusal=_refusal(answer["code"], reward_code, figures))
+    if base.kind == "held":
+        return replace(
+            base,
+            redemption_pk=answer["id"],
+            reward=answer["reward"],
+            provider_id=answer["provider_id"],
+            provider_code=answer["provider_code"],
+            points=answer["points"],
+            subject_sealed=answer["subject_sealed"],
+            milligrams=answer["milligrams"],
+        )
+    return base  # in-flight
+
+
+def _held_record(outcome: _HoldOutcome, *, person_id: int, answer_key: tuple[str, str] | None = None) -> dict[str, Any]:
+    """After the function held the points: write the provider's webhook and, given ``answer_key`` (key,
+    request hash), the key's answer, in one statement of the caller's transaction. Returns the JSON."""
+    body = redemption_body(
+        public_id=outcome.public_id,
+        status=RedemptionStatus.PENDING,
+        reward=outcome.reward,
+        provider=outcome.provider_code,
+        quantity=outcome.quantity,
+        points=outcome.points,
+        milligrams=outcome.milligrams or {},
+        created_at=outcome.now,
+        hold_expires_at=outcome.hold_expires_at,
+    )
+    data = _requested_data(outcome.public_id, outcome.reward, outcome.points, outcome.quantity, outcome.subject_sealed)
+    sql, params = insert_sql(outbox_message(institution_id=outcome.provider_id, type=REDEMPTION_REQUESTED, data=data))
+    if answer_key is not None:
+        key, request_hash = answer_key
+        answer_sql, answer_params = insert_sql(
+            RedemptionRequest(
+                person_id=person_id,
+                key=key,
+                request_hash=request_hash,
+                status_code=201,
+                response=body,
+                redemption_id=outcome.redemption_pk,
+                created_at=outcome.now,
+            )
+        )
+        sql, params = f"WITH answer AS ({answer_sql}) {sql}", [*answer_params, *params]
+    execute_prepared(sql, params)
+    outbox_deliver_after_commit()
+    return body
 
 
 @dataclass(frozen=True, slots=True)

@@ -159,14 +159,16 @@ def test_a_hold_that_loses_the_stock_race_leaves_no_redemption_and_no_webhook():
     assert stock_taken.wait(10)
     holder = threading.Thread(target=hold)
     holder.start()
-    # The hold read stock 1 (the other buyer has not committed) and went on; it waits at its stock UPDATE.
+    # The hold read stock 1 (the other buyer has not committed) and went on; it waits at its stock UPDATE
+    # (a statement of its own on the portable path, inside settlement_redemption_hold on PostgreSQL's).
     deadline = time.monotonic() + 15
     observer = connections["default"]
     while time.monotonic() < deadline:
         with observer.cursor() as cursor:
             cursor.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query ~* %s",
-                [r'^\s*UPDATE\s+"?settlement_reward"?\s'],
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE wait_event_type = 'Lock' AND wait_event <> 'advisory' AND query ~* %s",
+                [r'^\s*(UPDATE\s+"?settlement_reward"?\s|SELECT settlement_redemption_hold\()'],
             )
             if cursor.fetchone()[0]:
                 break
