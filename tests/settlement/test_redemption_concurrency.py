@@ -16,7 +16,7 @@ from django.test import Client
 from institutions.models import OutboxMessage
 from ledger.models import Account, Transfer
 from ledger.selectors import ledger_check
-from settlement.exceptions import OutOfStock
+from settlement.exceptions import InsufficientPoints, OutOfStock
 from settlement.models import Redemption, RedemptionAllocation, RedemptionRequest, Reward
 from settlement.services import redemption_hold, redemption_reject, redemptions_expire
 from tests.conftest import make_sender
@@ -188,6 +188,70 @@ def test_a_hold_that_loses_the_stock_race_leaves_no_redemption_and_no_webhook():
     assert lot_balances(person.pk) == before
     assert Reward.objects.get().stock == 0
     assert ledger_check() == []
+
+
+@pytest.mark.parametrize("in_database", [True, False], ids=["database", "portable"])
+def test_a_lot_emptied_after_the_hold_read_it_rolls_the_hold_back(settings, in_database):
+    """The hold plans from the lots as read, then locks them before moving points: a lot another
+    transaction emptied in between (the expiry sweep, say) is seen under the lock, and the whole hold
+    rolls back with ``insufficient-points``, leaving no redemption, transfer or webhook."""
+    settings.HUB_REDEMPTION_HOLD_IN_DATABASE = in_database
+    provider = make_sender("coffee-co", provider=True)
+    bank = make_sender("bank-a").institution
+    person, _ = make_person("mei")
+    credit(person.pk, bank.pk, month_end(3), 50_000)
+    make_reward(provider, "coffee", points=10)
+    lot = Account.objects.get(kind="wallet_lot", person_id=person.pk)
+    emptied, release = threading.Event(), threading.Event()
+    outcome: list[BaseException | Redemption] = []
+
+    def sweeper() -> None:  # empties the lot and holds its row until told to commit
+        try:
+            with transaction.atomic():
+                Account.objects.filter(pk=lot.pk).update(balance=0)
+                emptied.set()
+                release.wait(30)
+        finally:
+            connection.close()
+
+    def hold() -> None:
+        try:
+            outcome.append(redemption_hold(person=person, reward_code="coffee", quantity=1))
+        except InsufficientPoints as exc:
+            outcome.append(exc)
+        finally:
+            connection.close()
+
+    sweep = threading.Thread(target=sweeper)
+    sweep.start()
+    assert emptied.wait(10)
+    holder = threading.Thread(target=hold)
+    holder.start()
+    deadline = time.monotonic() + 15
+    observer = connections["default"]
+    while time.monotonic() < deadline:  # the hold read the lot's 50,000 and now waits for its row lock
+        with observer.cursor() as cursor:
+            cursor.execute(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE wait_event_type = 'Lock' AND wait_event <> 'advisory' AND query ~* %s",
+                [r"(settlement_redemption_hold\(|FOR NO KEY UPDATE)"],
+            )
+            if cursor.fetchone()[0]:
+                break
+        time.sleep(0.01)
+    else:
+        pytest.fail("the hold never waited on the lot")
+    release.set()
+    sweep.join(10)
+    holder.join(10)
+
+    (result,) = outcome
+    assert isinstance(result, InsufficientPoints)
+    assert not Redemption.objects.exists() and not RedemptionAllocation.objects.exists()
+    assert not OutboxMessage.objects.exists()
+    assert not Transfer.objects.filter(kind="hold").exists()
+    assert Account.objects.get(pk=lot.pk).balance == 0
+    assert not Account.objects.filter(kind="redemption_hold").exists()
 
 
 def test_a_rejection_racing_the_expiry_sweep_voids_once():
