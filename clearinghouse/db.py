@@ -76,7 +76,9 @@ def execute_prepared(sql: str, params: Sequence[Any]) -> Any:
     times a second, whose planning would otherwise cost more than their execution.
 
     Django binds parameters client-side (its psycopg cursors are ``ClientCursor``s), so PostgreSQL parses
-    and plans every statement afresh. Returns the psycopg cursor (``fetchone``, ``fetchall``, ``rowcount``).
+    and plans every statement afresh. The plan is kept only where the connection allows preparing
+    (``DB_PREPARED_STATEMENTS``, on by default; Django's own default is off); otherwise the statement
+    runs unprepared, with server-side parameters. Returns the psycopg cursor (``fetchone``, ``fetchall``, ``rowcount``).
     As from Django's own cursors, errors arrive as ``django.db`` exceptions (the psycopg one as their
     ``__cause__``), and the statement is logged where Django logs queries (``DEBUG``, and the tests'
     query counts). PostgreSQL only: callers keep their portable path for SQLite.

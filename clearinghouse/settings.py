@@ -112,6 +112,13 @@ if DATABASE_URL:
     idle_ms = env_int("DB_IDLE_IN_TRANSACTION_TIMEOUT_MS", 60_000)
     if idle_ms > 0:
         DATABASES["default"].setdefault("OPTIONS", {})["options"] = f"-c idle_in_transaction_session_timeout={idle_ms}"
+    # Prepared statements for the few hot statements the hub sends itself (clearinghouse.db.execute_prepared:
+    # the person's token, the redemption hold): PostgreSQL parses and plans them once per connection.
+    # Django's own queries bind on the client and are never prepared, whatever this says. Django turns
+    # psycopg's preparing off by default for PgBouncer in transaction mode before 1.21; behind such a
+    # pooler set DB_PREPARED_STATEMENTS=0 (the statements then run unprepared, as before).
+    if env_flag("DB_PREPARED_STATEMENTS", default=True):
+        DATABASES["default"].setdefault("OPTIONS", {})["prepare_threshold"] = 5
 else:
     VAR_DIR.mkdir(parents=True, exist_ok=True)
     DATABASES = {
