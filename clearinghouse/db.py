@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Iterable, Sequence
 from datetime import date
@@ -57,17 +58,23 @@ def insert_sql(instance: models.Model) -> tuple[str, list[Any]]:
     primary key left to the database. For a hot path that writes several rows in one statement (as
     the parts of a ``WITH``); a model's columns stay the model's to name."""
     db = connections[DEFAULT_DB_ALIAS]  # once: each access through ``connection`` looks it up again
-    sql, fields = _insert_statement(type(instance), db.vendor)
+    sql, fields = _insert_statement(type(instance))
     return sql, [f.get_db_prep_save(f.pre_save(instance, True), db) for f in fields]
 
 
 @cache
-def _insert_statement(model: type[models.Model], vendor: str) -> tuple[str, list[models.Field[Any, Any]]]:
+def _insert_statement(model: type[models.Model]) -> tuple[str, list[models.Field[Any, Any]]]:
     meta = model._meta
     fields = [f for f in meta.concrete_fields if f is not meta.auto_field]
     quote = connections[DEFAULT_DB_ALIAS].ops.quote_name
     columns = ", ".join(quote(str(f.column)) for f in fields)
     return f"INSERT INTO {quote(meta.db_table)} ({columns}) VALUES ({', '.join(['%s'] * len(fields))})", fields  # noqa: S608
+
+
+def advisory_lock_id(name: str) -> int:
+    """A PostgreSQL advisory lock id (a signed 64-bit integer) for a lock named by text: the first eight
+    bytes of its BLAKE2b digest. Every advisory lock the hub takes is named this way."""
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big", signed=True)
 
 
 def execute_prepared(sql: str, params: Sequence[Any]) -> Any:

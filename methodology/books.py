@@ -8,7 +8,6 @@ a batch of the same subject's activities are applied one after the other, never 
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import date
@@ -16,7 +15,7 @@ from datetime import date
 from django.conf import settings
 from django.db import connection
 
-from clearinghouse.db import array_literal, text_array_literal
+from clearinghouse.db import advisory_lock_id, array_literal, text_array_literal
 from institutions.models import Institution
 from ledger.models import Account, AccountKind, Posting
 from ledger.services import AccountKey, TransferSpec, accounts_ensure, lot_expiry, transfers_post
@@ -46,7 +45,7 @@ def owner_lock_id(key: str) -> int:
     if found is None:
         if len(ids) > _LOCK_IDS_KEPT:
             ids.clear()
-        found = ids[key] = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big", signed=True)
+        found = ids[key] = advisory_lock_id(key)
     return found
 
 

@@ -24,7 +24,7 @@ from django.db import DatabaseError, IntegrityError, connection, transaction
 from django.db.models import F, Q, Sum
 from django.utils import timezone
 
-from clearinghouse.db import execute_prepared, insert_sql
+from clearinghouse.db import advisory_lock_id, execute_prepared, insert_sql
 from institutions import crypto
 from institutions.models import Institution, OutboxMessage
 from institutions.outbox import outbox_deliver_after_commit, outbox_enqueue, outbox_message, outbox_replay
@@ -688,8 +688,7 @@ def redemption_request_hash(*, reward_code: str, quantity: int) -> str:
 
 def _request_lock_id(person_id: int, key: str) -> int:
     """The advisory lock id of (person, Idempotency-Key): held by the transaction answering it."""
-    digest = hashlib.blake2b(f"redemption-request\x00{person_id}\x00{key}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big", signed=True)
+    return advisory_lock_id(f"redemption-request\x00{person_id}\x00{key}")
 
 
 def _request_lock_try(person_id: int, key: str) -> bool:
@@ -934,6 +933,12 @@ def _points_gone() -> InsufficientPoints:
     return InsufficientPoints("Some of the points lapsed just now; try again.")
 
 
+def _stock_gone(reward: str) -> OutOfStock:
+    """The last unit was taken by a concurrent hold after this one's checks (the other race both paths
+    catch at their stock UPDATE, after their writes began: the transaction rolls back)."""
+    return OutOfStock(f"{reward!r} ran out just now.", stock=0)
+
+
 def _quantity_checked(quantity: int) -> None:
     if isinstance(quantity, bool) or not isinstance(quantity, int) or quantity <= 0:
         raise InvalidReward("The quantity must be a positive integer.")
@@ -963,10 +968,10 @@ def _refusal(code: str, reward: str, figures: dict[str, int]) -> RedemptionRefus
 def _hold_plan(
     *, person_id: int, reward_code: str, quantity: int, now: datetime | None = None, today: date | None = None
 ) -> _HoldPlan:
-    """The checks of :func:`redemption_hold`, reading only; the caller holds the person's owner lock."""
+    """The checks of :func:`redemption_hold`, reading only; the caller holds the person's owner lock and has
+    checked the quantity."""
     now = now or timezone.now()
     today = today or standard_today()
-    _quantity_checked(quantity)
     offer = _offer(reward_code=reward_code, person_id=person_id)
     if offer is None:
         raise _refusal(RewardNotFound.code, reward_code, {})
@@ -1055,7 +1060,7 @@ def _hold_write(plan: _HoldPlan, *, answer_key: tuple[str, str] | None = None) -
             [plan.quantity, offer.reward_id, plan.quantity],
         )
         if updated != 1:
-            raise OutOfStock(f"{offer.code!r} ran out just now.", stock=0)
+            raise _stock_gone(offer.code)
     return redemption_id, body
 
 
@@ -1238,7 +1243,7 @@ def _hold_call(
         if sqlstate == "CH001":
             raise _points_gone() from exc
         if sqlstate == "CH002":
-            raise OutOfStock(f"{reward_code!r} ran out just now.", stock=0) from exc
+            raise _stock_gone(reward_code) from exc
         raise
     # Django's connections load json as text (its JSONField parses it).
     answer = json.loads(returned) if isinstance(returned, str) else returned
@@ -1247,8 +1252,6 @@ def _hold_call(
         return replace(base, request_hash=answer["request_hash"], status=answer["status"], response=answer["response"])
     if base.kind == "refused":
         figures = {name: value for name, value in answer.items() if name not in ("outcome", "code")}
-        if "available" in figures:
-            figures["available_mg"] = figures.pop("available")
         return replace(base, refusal=_refusal(answer["code"], reward_code, figures))
     if base.kind == "held":
         return replace(

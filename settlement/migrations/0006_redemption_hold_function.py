@@ -17,7 +17,7 @@ The function answers one JSON object; ``outcome`` says which:
 * ``in-flight``: another transaction holds the Idempotency-Key's lock (nothing was done);
 * ``stored``: the key has an answer (``request_hash``, ``status``, ``response``);
 * ``refused``: a check failed before anything was written (``code`` and the figures its problem
-  names: ``stock``; ``limit`` and ``taken``; ``points`` and ``available``, in milligrams);
+  names: ``stock``; ``limit`` and ``taken``; ``points`` and ``available_mg``);
 * ``held``: written; ``id`` of the redemption, ``reward``, ``provider_id``, ``provider_code``,
   ``points``, ``subject_sealed`` (the person's link at the provider, or null) and ``milligrams`` per
   issuer code.
@@ -139,7 +139,7 @@ BEGIN
       FROM lots l;
     IF need > lots_total - owed THEN
         RETURN jsonb_build_object('outcome', 'refused', 'code', 'insufficient-points',
-                                  'points', points, 'available', GREATEST(lots_total - owed, 0));
+                                  'points', points, 'available_mg', GREATEST(lots_total - owed, 0));
     END IF;
 
     -- The redemption with its allocations, one per lot.
