@@ -16,7 +16,7 @@ from django.test import Client
 from institutions.models import OutboxMessage
 from ledger.models import Account, Transfer
 from ledger.selectors import ledger_check
-from settlement.exceptions import InsufficientPoints, OutOfStock
+from settlement.exceptions import InsufficientPoints, OutOfStock, RedemptionRefused
 from settlement.models import Redemption, RedemptionAllocation, RedemptionRequest, Reward
 from settlement.services import redemption_hold, redemption_reject, redemptions_expire
 from tests.conftest import make_sender
@@ -125,66 +125,88 @@ def test_the_same_key_twenty_times_at_once_creates_one_redemption():
     assert ledger_check() == []
 
 
-def test_a_hold_that_loses_the_stock_race_leaves_no_redemption_and_no_webhook():
+# Where a hold waits on a row lock: its own statements on the portable path, the one call on PostgreSQL's.
+HOLD_WAITS = r'^\s*(UPDATE\s+"?settlement_reward"?\s|SELECT .* FOR NO KEY UPDATE|SELECT settlement_redemption_hold\()'
+
+
+def hold_against_uncommitted(change: Callable[[], Any], hold: Callable[[], Redemption]) -> BaseException | Redemption:
+    """Run ``change`` in a transaction left open, then ``hold`` in another thread; wait until the hold is
+    blocked on a row lock ``change`` holds (not an advisory lock), commit ``change`` and return what the
+    hold did: its redemption or the refusal it raised. The hold's writes are invisible meanwhile."""
+    changed, release = threading.Event(), threading.Event()
+    outcome: list[BaseException | Redemption] = []
+
+    def other() -> None:
+        try:
+            with transaction.atomic():
+                change()
+                changed.set()
+                release.wait(30)
+        finally:
+            connection.close()
+
+    def holder() -> None:
+        try:
+            outcome.append(hold())
+        except RedemptionRefused as exc:
+            outcome.append(exc)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=other), threading.Thread(target=holder)]
+    threads[0].start()
+    assert changed.wait(10)
+    threads[1].start()
+    deadline = time.monotonic() + 15
+    with connections["default"].cursor() as cursor:
+        while True:
+            cursor.execute(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE wait_event_type = 'Lock' AND wait_event <> 'advisory' AND query ~* %s",
+                [HOLD_WAITS],
+            )
+            if cursor.fetchone()[0]:
+                break
+            if time.monotonic() > deadline:
+                release.set()
+                pytest.fail("the hold never waited on the row")
+            time.sleep(0.01)
+    assert not OutboxMessage.objects.exists()  # the hold's webhook is not visible before its commit
+    release.set()
+    for thread in threads:
+        thread.join(10)
+    (result,) = outcome
+    return result
+
+
+def assert_nothing_held() -> None:
+    """A hold that rolled back left no redemption, allocation, webhook, transfer or hold account."""
+    assert not Redemption.objects.exists() and not RedemptionAllocation.objects.exists()
+    assert not OutboxMessage.objects.exists()
+    assert not Transfer.objects.filter(kind="hold").exists()
+    assert not Account.objects.filter(kind="redemption_hold").exists()
+
+
+@pytest.mark.parametrize("in_database", [True, False], ids=["database", "portable"])
+def test_a_hold_that_loses_the_stock_race_leaves_no_redemption_and_no_webhook(settings, in_database):
     """The stock is taken last, by a conditional UPDATE: a hold that finds the stock gone there rolls back
     whole, its redemption, ledger transfer, allocations and ``carbon.redemption.requested`` row with it."""
+    settings.HUB_REDEMPTION_HOLD_IN_DATABASE = in_database
     provider = make_sender("coffee-co", provider=True)
     bank = make_sender("bank-a").institution
     person, _ = make_person("mei")
     credit(person.pk, bank.pk, month_end(3), 50_000)
     reward = make_reward(provider, "last-mug", points=10, stock=1)
     before = lot_balances(person.pk)
-    stock_taken, release = threading.Event(), threading.Event()
-    outcome: list[BaseException | Redemption] = []
 
-    def other_buyer() -> None:  # holds the reward row with the last unit taken, until told to commit
-        try:
-            with transaction.atomic():
-                Reward.objects.filter(pk=reward.pk).update(stock=0)
-                stock_taken.set()
-                release.wait(30)
-        finally:
-            connection.close()
+    # Another buyer takes the last unit and holds the reward row; the hold read stock 1 and goes on.
+    result = hold_against_uncommitted(
+        lambda: Reward.objects.filter(pk=reward.pk).update(stock=0),
+        lambda: redemption_hold(person=person, reward_code="last-mug", quantity=1),
+    )
 
-    def hold() -> None:
-        try:
-            outcome.append(redemption_hold(person=person, reward_code="last-mug", quantity=1))
-        except OutOfStock as exc:
-            outcome.append(exc)
-        finally:
-            connection.close()
-
-    buyer = threading.Thread(target=other_buyer)
-    buyer.start()
-    assert stock_taken.wait(10)
-    holder = threading.Thread(target=hold)
-    holder.start()
-    # The hold read stock 1 (the other buyer has not committed) and went on; it waits at its stock UPDATE
-    # (a statement of its own on the portable path, inside settlement_redemption_hold on PostgreSQL's).
-    deadline = time.monotonic() + 15
-    observer = connections["default"]
-    while time.monotonic() < deadline:
-        with observer.cursor() as cursor:
-            cursor.execute(
-                "SELECT count(*) FROM pg_stat_activity"
-                " WHERE wait_event_type = 'Lock' AND wait_event <> 'advisory' AND query ~* %s",
-                [r'^\s*(UPDATE\s+"?settlement_reward"?\s|SELECT settlement_redemption_hold\()'],
-            )
-            if cursor.fetchone()[0]:
-                break
-        time.sleep(0.01)
-    else:
-        pytest.fail("the hold never waited on the reward row")
-    assert OutboxMessage.objects.count() == 0  # its webhook is not visible before its commit either
-    release.set()
-    buyer.join(10)
-    holder.join(10)
-
-    (result,) = outcome
     assert isinstance(result, OutOfStock)
-    assert not Redemption.objects.exists() and not RedemptionAllocation.objects.exists()
-    assert not OutboxMessage.objects.exists()
-    assert not Transfer.objects.filter(kind="hold").exists()
+    assert_nothing_held()
     assert lot_balances(person.pk) == before
     assert Reward.objects.get().stock == 0
     assert ledger_check() == []
@@ -202,56 +224,16 @@ def test_a_lot_emptied_after_the_hold_read_it_rolls_the_hold_back(settings, in_d
     credit(person.pk, bank.pk, month_end(3), 50_000)
     make_reward(provider, "coffee", points=10)
     lot = Account.objects.get(kind="wallet_lot", person_id=person.pk)
-    emptied, release = threading.Event(), threading.Event()
-    outcome: list[BaseException | Redemption] = []
 
-    def sweeper() -> None:  # empties the lot and holds its row until told to commit
-        try:
-            with transaction.atomic():
-                Account.objects.filter(pk=lot.pk).update(balance=0)
-                emptied.set()
-                release.wait(30)
-        finally:
-            connection.close()
+    # The lot is emptied (a raw balance change: only the hold's view of it matters here).
+    result = hold_against_uncommitted(
+        lambda: Account.objects.filter(pk=lot.pk).update(balance=0),
+        lambda: redemption_hold(person=person, reward_code="coffee", quantity=1),
+    )
 
-    def hold() -> None:
-        try:
-            outcome.append(redemption_hold(person=person, reward_code="coffee", quantity=1))
-        except InsufficientPoints as exc:
-            outcome.append(exc)
-        finally:
-            connection.close()
-
-    sweep = threading.Thread(target=sweeper)
-    sweep.start()
-    assert emptied.wait(10)
-    holder = threading.Thread(target=hold)
-    holder.start()
-    deadline = time.monotonic() + 15
-    observer = connections["default"]
-    while time.monotonic() < deadline:  # the hold read the lot's 50,000 and now waits for its row lock
-        with observer.cursor() as cursor:
-            cursor.execute(
-                "SELECT count(*) FROM pg_stat_activity"
-                " WHERE wait_event_type = 'Lock' AND wait_event <> 'advisory' AND query ~* %s",
-                [r"(settlement_redemption_hold\(|FOR NO KEY UPDATE)"],
-            )
-            if cursor.fetchone()[0]:
-                break
-        time.sleep(0.01)
-    else:
-        pytest.fail("the hold never waited on the lot")
-    release.set()
-    sweep.join(10)
-    holder.join(10)
-
-    (result,) = outcome
     assert isinstance(result, InsufficientPoints)
-    assert not Redemption.objects.exists() and not RedemptionAllocation.objects.exists()
-    assert not OutboxMessage.objects.exists()
-    assert not Transfer.objects.filter(kind="hold").exists()
+    assert_nothing_held()
     assert Account.objects.get(pk=lot.pk).balance == 0
-    assert not Account.objects.filter(kind="redemption_hold").exists()
 
 
 def test_a_rejection_racing_the_expiry_sweep_voids_once():
