@@ -45,15 +45,17 @@ import tempfile
 import time
 import urllib.request
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 LUA_SCRIPT = ROOT / "bench" / "intake.lua"
+T = TypeVar("T")
 DOCS_FILE = ROOT / "docs" / "performance.md"
 RESULTS_DIR = ROOT / "bench" / "results"
 MARK_START = "<!-- bench/intake.py results: start (generated, do not edit by hand) -->"
@@ -789,18 +791,52 @@ def render(
     return "\n".join(lines)
 
 
-def write_docs(block: str) -> None:
-    if DOCS_FILE.exists():
-        text = DOCS_FILE.read_text()
-        if MARK_START in text and MARK_END in text:
-            head, rest = text.split(MARK_START, 1)
-            _, tail = rest.split(MARK_END, 1)
-            DOCS_FILE.write_text(head + block + tail)
-            return
-        DOCS_FILE.write_text(text.rstrip("\n") + "\n\n## Latest results\n\n" + block + "\n")
-        return
-    DOCS_FILE.parent.mkdir(parents=True, exist_ok=True)
-    DOCS_FILE.write_text("# Performance\n\n## Latest results\n\n" + block + "\n")
+def phases_interleaved(run_phase: Callable[[str, int, float], T], args: argparse.Namespace) -> list[T]:
+    """A warm-up run of each phase (repeat 0, ``--warmup`` s), then ``--repeats`` rounds of every phase
+    in turn (``--duration`` s each), so each phase meets the machine's drift alike."""
+    results = [run_phase(phase, 0, args.warmup) for phase in args.phases] if args.warmup > 0 else []
+    for repeat in range(1, args.repeats + 1):
+        results += [run_phase(phase, repeat, args.duration) for phase in args.phases]
+    return results
+
+
+def scratch_cleanup(args: argparse.Namespace, server: subprocess.Popen[bytes] | None, work_dir: Path) -> None:
+    """Stop the server if it still runs, flush the bench's Redis database, drop the scratch database
+    (unless ``--keep-db``) and remove the work directory; each step runs even if one before it fails."""
+    from django.db import connections
+
+    try:
+        if server is not None:
+            stop_server(server)
+    finally:
+        try:
+            flush_redis(args.redis_url)
+        finally:
+            connections.close_all()
+            if not args.keep_db:
+                drop_database(args.pg_admin_url, args.db_name)
+            shutil.rmtree(work_dir, ignore_errors=True)
+
+
+def raw_results_write(name: str, started: datetime, record: dict[str, Any]) -> Path:
+    """Everything a run measured, as JSON in ``bench/results/`` (git-ignored); returns the file."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{name}-{started:%Y%m%dT%H%M%SZ}.json"
+    path.write_text(json.dumps(record, indent=2, default=str))
+    return path
+
+
+def docs_block_write(block: str, *, start: str, end: str, heading: str) -> None:
+    """Put a benchmark's generated block into ``docs/performance.md``: in place of the text between its
+    markers ``start`` and ``end`` (the rest of the file is kept), or appended under ``heading``."""
+    text = DOCS_FILE.read_text() if DOCS_FILE.exists() else "# Performance\n"
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        _, tail = rest.split(end, 1)
+        DOCS_FILE.write_text(head + block + tail)
+    else:
+        DOCS_FILE.parent.mkdir(parents=True, exist_ok=True)
+        DOCS_FILE.write_text(text.rstrip("\n") + f"\n\n## {heading}\n\n" + block + "\n")
 
 
 # --- Main ---------------------------------------------------------------------------------------------
@@ -821,10 +857,8 @@ def main(argv: list[str] | None = None) -> int:
     import django
 
     django.setup()
-    from django.db import connections
 
     server: subprocess.Popen[bytes] | None = None
-    results: list[PhaseResult] = []
     try:
         institution = register_institution(args.signature)
         machine = machine_note(args)
@@ -836,45 +870,28 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         bench = Bench(args, institution, server, work_dir)
-        if args.warmup > 0:
-            for phase in args.phases:
-                results.append(bench.run_phase(phase, 0, args.warmup))
-        for repeat in range(1, args.repeats + 1):
-            for phase in args.phases:
-                results.append(bench.run_phase(phase, repeat, args.duration))
+        results = phases_interleaved(bench.run_phase, args)
     finally:
-        if server is not None:
-            stop_server(server)
-        try:
-            flush_redis(args.redis_url)
-        finally:
-            connections.close_all()
-            if not args.keep_db:
-                drop_database(args.pg_admin_url, args.db_name)
-            shutil.rmtree(work_dir, ignore_errors=True)
+        scratch_cleanup(args, server, work_dir)
 
     summary = summarize(results)
     block = render(args, results, summary, command, started, machine)
     print()
     print(block)
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    raw_path = RESULTS_DIR / f"intake-{started:%Y%m%dT%H%M%SZ}.json"
-    raw_path.write_text(
-        json.dumps(
-            {
-                "command": command,
-                "started": started.isoformat(),
-                "machine": machine,
-                "args": vars(args),
-                "summary": summary,
-                "runs": [asdict(r) for r in results],
-            },
-            indent=2,
-            default=str,
-        )
+    raw_path = raw_results_write(
+        "intake",
+        started,
+        {
+            "command": command,
+            "started": started.isoformat(),
+            "machine": machine,
+            "args": vars(args),
+            "summary": summary,
+            "runs": [asdict(r) for r in results],
+        },
     )
     if not args.no_docs:
-        write_docs(block)
+        docs_block_write(block, start=MARK_START, end=MARK_END, heading="Latest results")
         print(f"\nWrote {DOCS_FILE.relative_to(ROOT)} and {raw_path.relative_to(ROOT)}")
     failed = [name for name, _, _, passed in verdicts(summary) if not passed]
     if summary["lost_events"] or summary["unexplained_rows"]:

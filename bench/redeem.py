@@ -49,22 +49,24 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.intake import (  # noqa: E402 (the path above first)
+    DOCS_FILE,
     CpuMeter,
     add_load_arguments,
     add_server_arguments,
-    drop_database,
+    docs_block_write,
     flush_redis,
     machine_note,
     phases_chosen,
+    phases_interleaved,
+    raw_results_write,
     recreate_database,
     run_wrk,
+    scratch_cleanup,
     start_server,
     stop_server,
 )
 from bench.intake import bench_env as intake_bench_env  # noqa: E402
 
-DOCS_FILE = ROOT / "docs" / "performance.md"
-RESULTS_DIR = ROOT / "bench" / "results"
 MARK_START = "<!-- bench/redeem.py results: start (generated, do not edit by hand) -->"
 MARK_END = "<!-- bench/redeem.py results: end -->"
 PHASES = ("bare", "wallet", "hold", "stocked")
@@ -409,16 +411,6 @@ def render(
     return "\n".join(lines)
 
 
-def write_docs(block: str) -> None:
-    text = DOCS_FILE.read_text() if DOCS_FILE.exists() else "# Performance\n"
-    if MARK_START in text and MARK_END in text:
-        head, rest = text.split(MARK_START, 1)
-        _, tail = rest.split(MARK_END, 1)
-        DOCS_FILE.write_text(head + block + tail)
-    else:
-        DOCS_FILE.write_text(text.rstrip("\n") + "\n\n## Redemption holds\n\n" + block + "\n")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if shutil.which("wrk") is None:
@@ -434,12 +426,9 @@ def main(argv: list[str] | None = None) -> int:
     import django
 
     django.setup()
-    from django.db import connections
-
     from ledger.selectors import ledger_check
 
     server = None
-    results: list[PhaseResult] = []
     try:
         print(f"Populating {args.persons:,} persons with {args.lots} lots each ...", flush=True)
         tokens = populate(args)
@@ -447,40 +436,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Machine: {machine}", flush=True)
         server = start_server(args, dict(os.environ), work_dir / "gunicorn.log")
         bench = Bench(args, tokens, server.pid, work_dir)
-        if args.warmup > 0:
-            for phase in args.phases:
-                results.append(bench.run_phase(phase, 0, args.warmup))
-        for repeat in range(1, args.repeats + 1):
-            for phase in args.phases:
-                results.append(bench.run_phase(phase, repeat, args.duration))
+        results = phases_interleaved(bench.run_phase, args)
         stop_server(server)
         server = None
         problems = ledger_check()
         invariants = "all hold" if not problems else "; ".join(str(p) for p in problems[:3])
     finally:
-        if server is not None:
-            stop_server(server)
-        try:
-            flush_redis(args.redis_url)
-        finally:
-            connections.close_all()
-            if not args.keep_db:
-                drop_database(args.pg_admin_url, args.db_name)
-            shutil.rmtree(work_dir, ignore_errors=True)
+        scratch_cleanup(args, server, work_dir)
 
     summary = summarize(results)
     summary["ledger_check"] = invariants
     block = render(args, results, summary, command, started, machine, invariants)
     print()
     print(block)
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    raw_path = RESULTS_DIR / f"redeem-{started:%Y%m%dT%H%M%SZ}.json"
     raw = {"command": command, "started": started.isoformat(), "machine": machine, "args": vars(args)}
-    raw_path.write_text(
-        json.dumps({**raw, "summary": summary, "runs": [asdict(r) for r in results]}, indent=2, default=str)
-    )
+    raw_path = raw_results_write("redeem", started, {**raw, "summary": summary, "runs": [asdict(r) for r in results]})
     if not args.no_docs:
-        write_docs(block)
+        docs_block_write(block, start=MARK_START, end=MARK_END, heading="Redemption holds")
         print(f"\nWrote {DOCS_FILE.relative_to(ROOT)} and {raw_path.relative_to(ROOT)}")
     if summary["unexplained"] or problems:
         print("ERROR: redemptions do not match the answers, or the ledger check failed", file=sys.stderr)
