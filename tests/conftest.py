@@ -5,9 +5,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +54,36 @@ class Sender:
             hmac_secrets=[crypto.hmac_secret_bytes(self.hmac_secret)] if "v1" in versions and self.hmac_secret else [],
             ed25519_keys=[self.ed25519_private] if "v1a" in versions and self.ed25519_private else [],
         )
+
+
+def run_together(
+    count: int, work: Callable[[int], Any], *, timeout: float = 120
+) -> tuple[list[Any], list[BaseException]]:
+    """Run ``work(i)`` for each ``i`` below ``count`` in its own thread, all released at once; each thread
+    closes its database connection at the end. Returns the results by ``i`` (None where ``work`` raised)
+    and the exceptions raised; fails the test if a thread is still running after ``timeout`` seconds."""
+    from django.db import connection
+
+    results: list[Any] = [None] * count
+    errors: list[BaseException] = []
+    start = threading.Barrier(count)
+
+    def run(i: int) -> None:
+        try:
+            start.wait(30)
+            results[i] = work(i)
+        except BaseException as exc:  # surfaced by the caller, with the thread's own traceback
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout)
+    assert not any(thread.is_alive() for thread in threads), "a thread hung"
+    return results, errors
 
 
 def make_sender(code: str, *, hmac: bool = True, ed25519: bool = True, provider: bool = False) -> Sender:

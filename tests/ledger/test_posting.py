@@ -23,6 +23,7 @@ from ledger.exceptions import (
 from ledger.models import Account, Posting, Transfer
 from ledger.selectors import ledger_check
 from ledger.services import AccountKey, PostResult, TransferSpec, accounts_ensure, lot_expiry, transfers_post
+from tests.conftest import run_together
 from tests.ledger.conftest import DEC, NOV, credit, ids, outstanding, wallet_lot
 
 
@@ -276,28 +277,6 @@ def test_debt_after_reversing_spent_points():
 # --- Concurrency (PostgreSQL, real threads) -------------------------------------------------------------
 
 
-def run_threads(count: int, target) -> list[BaseException]:
-    errors: list[BaseException] = []
-    start = threading.Barrier(count)
-
-    def body(index: int) -> None:
-        try:
-            start.wait()
-            target(index)
-        except BaseException as exc:  # surfaced by the caller
-            errors.append(exc)
-        finally:
-            connection.close()
-
-    threads = [threading.Thread(target=body, args=(n,)) for n in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
-    assert not any(thread.is_alive() for thread in threads), "a worker hung"
-    return errors
-
-
 @pytest.mark.postgres
 @pytest.mark.django_db(transaction=True, serialized_rollback=True)
 def test_concurrent_batches_with_overlapping_accounts_do_not_deadlock():
@@ -332,7 +311,7 @@ def test_concurrent_batches_with_overlapping_accounts_do_not_deadlock():
         for number in range(10):
             transfers_post(transfers=batch(index, number))
 
-    errors = run_threads(4, worker)
+    _, errors = run_together(4, worker)
     assert errors == []
     assert Transfer.objects.count() == len(lots) + 4 * 10 * 150
     assert ledger_check() == []  # stored balances equal posting sums, every transfer balanced
@@ -381,7 +360,7 @@ def test_a_key_a_concurrent_transaction_is_inserting_ends_as_existing():
 
     releaser = threading.Thread(target=lambda: errors.extend(_catch(release_when_b_waits)))
     releaser.start()
-    errors += run_threads(2, body)
+    errors += run_together(2, body)[1]
     releaser.join(60)
     assert errors == []
     assert list(results["a"].created) == [t.idempotency_key for t in transfers]

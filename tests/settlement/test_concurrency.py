@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import functools
-import threading
-from collections.abc import Callable, Sequence
 from datetime import timedelta
-from typing import Any
 
 import pytest
-from django.db import connection
 from django.db.models import Count
 from django.test import Client
 
@@ -19,39 +15,17 @@ from institutions.models import InboxEvent
 from settlement.exceptions import CycleOrder
 from settlement.models import Confirmation, Cycle, CycleState, Instruction, Obligation
 from settlement.services import cycle_run
-from tests.conftest import make_sender, post_events
+from tests.conftest import make_sender, post_events, run_together
 from tests.settlement.conftest import CUT, WORKED, confirmed_event, record
 
 pytestmark = [pytest.mark.postgres, pytest.mark.django_db(transaction=True, serialized_rollback=True)]
-
-
-def run_together(work: Sequence[Callable[[], Any]]) -> tuple[list[Any], list[BaseException]]:
-    results: list[Any] = []
-    errors: list[BaseException] = []
-    start = threading.Barrier(len(work))
-
-    def worker(job: Callable[[], Any]) -> None:
-        try:
-            start.wait()
-            results.append(job())
-        except BaseException as exc:  # surfaced by the caller
-            errors.append(exc)
-        finally:
-            connection.close()
-
-    threads = [threading.Thread(target=worker, args=(job,)) for job in work]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    return results, errors
 
 
 def test_simultaneous_runs_put_each_obligation_in_exactly_one_cycle():
     senders = {name: make_sender(f"bank-{name.lower()}") for name in "ABCD"}
     record(senders, WORKED)
     jobs = [functools.partial(cycle_run, now=CUT + timedelta(seconds=n), minimum_minor=1) for n in range(4)]
-    results, errors = run_together(jobs)
+    results, errors = run_together(len(jobs), lambda i: jobs[i]())
     assert all(isinstance(e, CycleOrder) for e in errors), errors  # a later cut-off committed first
     runs = [r for r in results if r is not None]
     assert len(runs) == 1 and runs[0].cycle.state == CycleState.INSTRUCTED
@@ -75,7 +49,7 @@ def test_simultaneous_confirmations_of_one_cycle_all_apply(monkeypatch, settings
         assert post_events(client, sender, confirmed_event(instruction.instruction_id, status)).status_code == 202
     assert InboxEvent.objects.filter(status="received").count() == 4
 
-    _, errors = run_together([inbox_drain] * 4)
+    _, errors = run_together(4, lambda _: inbox_drain())
     assert not errors
     assert InboxEvent.objects.filter(status="processed").count() == 4
     assert Confirmation.objects.count() == 4

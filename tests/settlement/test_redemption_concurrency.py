@@ -19,7 +19,7 @@ from ledger.selectors import ledger_check
 from settlement.exceptions import InsufficientPoints, OutOfStock, RedemptionRefused
 from settlement.models import Redemption, RedemptionAllocation, RedemptionRequest, Reward
 from settlement.services import redemption_hold, redemption_reject, redemptions_expire
-from tests.conftest import make_sender
+from tests.conftest import make_sender, run_together
 from tests.settlement.conftest import kind_total, lot_balances, make_reward, month_end, redeem
 from tests.wallets.conftest import credit, make_person
 
@@ -27,26 +27,8 @@ pytestmark = [pytest.mark.postgres, pytest.mark.django_db(transaction=True, seri
 
 
 def run_at_once(count: int, work: Callable[[int], Any]) -> list[Any]:
-    """Run ``work(i)`` in ``count`` threads released together; each closes its connection at the end."""
-    results: list[Any] = [None] * count
-    errors: list[BaseException] = []
-    start = threading.Barrier(count)
-
-    def run(i: int) -> None:
-        try:
-            start.wait(30)
-            results[i] = work(i)
-        except BaseException as exc:  # surfaced below, with the thread's own traceback
-            errors.append(exc)
-        finally:
-            connection.close()
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
-    assert not any(thread.is_alive() for thread in threads), "a request hung"
+    """``work(i)`` in ``count`` threads released together; the first error raised in any is raised here."""
+    results, errors = run_together(count, work)
     if errors:
         raise errors[0]
     return results
