@@ -7,7 +7,8 @@ the lines behind it).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from institutions.models import Institution
@@ -39,6 +40,17 @@ def obligation_lines(obligations: Iterable[Obligation]) -> list[dict[str, Any]]:
     ]
 
 
+def party_lines(obligations: Sequence[Obligation]) -> dict[tuple[int, int], list[dict[str, Any]]]:
+    """Each obligation's line (:func:`obligation_lines`) under ``(cycle id, institution id)`` of each
+    institution party to it (the hub is no party here): the lines behind a statement or instruction."""
+    by_party: dict[tuple[int, int], list[dict[str, Any]]] = defaultdict(list)
+    for obligation, line in zip(obligations, obligation_lines(obligations), strict=True):
+        assert obligation.cycle_id is not None, "only obligations in a cycle have statements"
+        for party in {obligation.debtor_id, obligation.creditor_id} - {None}:
+            by_party[(obligation.cycle_id, int(party))].append(line)  # type: ignore[arg-type]
+    return by_party
+
+
 def obligation_canonical_line(line: Mapping[str, Any]) -> str:
     """One obligation line (see :func:`obligation_lines`) in the digest's canonical form."""
     return "|".join(
@@ -53,7 +65,7 @@ def obligation_canonical_line(line: Mapping[str, Any]) -> str:
     )
 
 
-def statement_digest(obligations: Iterable[Obligation | Mapping[str, Any]]) -> str:
+def statement_digest(lines: Iterable[Mapping[str, Any]]) -> str:
     """``"sha256:" + hex`` over the gross obligations behind a figure, independent of their order.
 
     Canonical form: each obligation becomes the line ``id|source|debtor|creditor|amount_minor|currency``
@@ -61,11 +73,8 @@ def statement_digest(obligations: Iterable[Obligation | Mapping[str, Any]]) -> s
     an obligation not yet stored), the lines are sorted by their UTF-8 bytes, each ends with ``\\n``, and
     SHA-256 runs over the concatenation. No field can hold ``|`` or a line break (codes are
     ``[a-z0-9-]``, sources are refused with them), so the form is unambiguous. An institution holding
-    the lines of its statement recomputes the same digest. Takes stored obligations or their lines.
+    the lines of its statement recomputes the same digest. Takes the lines of :func:`obligation_lines`.
     """
-    items = list(obligations)
-    models_ = [o for o in items if isinstance(o, Obligation)]
-    lines = [o for o in items if not isinstance(o, Obligation)] + obligation_lines(models_)
     encoded = sorted(obligation_canonical_line(line).encode() for line in lines)
     digest = hashlib.sha256()
     for line in encoded:

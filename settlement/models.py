@@ -248,11 +248,6 @@ class Instruction(models.Model):
     def __str__(self) -> str:
         return f"{self.instruction_id} {self.direction} {self.amount_minor} {self.currency}"
 
-    @property
-    def signed_minor(self) -> int:
-        """Negative when the institution pays the hub, positive when the hub pays it (as ``net_minor``)."""
-        return -self.amount_minor if self.direction == InstructionDirection.PAY else self.amount_minor
-
 
 class ConfirmationStatus(models.TextChoices):
     PAID = "paid", "Paid"

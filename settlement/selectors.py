@@ -15,7 +15,7 @@ from django.utils import timezone
 
 from institutions.models import Institution
 from settlement import netting
-from settlement.digest import CARRY_SOURCE_PREFIX, obligation_lines, statement_digest
+from settlement.digest import CARRY_SOURCE_PREFIX, party_lines, statement_digest
 from settlement.models import (
     Confirmation,
     Instruction,
@@ -52,12 +52,7 @@ def statements(positions: Sequence[NetPosition]) -> list[dict[str, Any]]:
         .filter(Q(debtor_id__in=institution_ids) | Q(creditor_id__in=institution_ids))
         .order_by("id")
     )
-    lines_by_key: dict[tuple[int, int], list[dict[str, Any]]] = defaultdict(list)
-    for obligation, line in zip(obligations, obligation_lines(obligations), strict=True):
-        assert obligation.cycle_id is not None  # filtered on cycle
-        for party in {obligation.debtor_id, obligation.creditor_id} & institution_ids:
-            assert party is not None
-            lines_by_key[(obligation.cycle_id, party)].append(line)
+    lines_by_key = party_lines(obligations)
     instructions = {
         (i.cycle_id, i.institution_id): i
         for i in Instruction.objects.filter(cycle_id__in=cycle_ids, institution_id__in=institution_ids)
@@ -67,7 +62,7 @@ def statements(positions: Sequence[NetPosition]) -> list[dict[str, Any]]:
     out = []
     for position in positions:
         code = position.institution.code
-        lines = lines_by_key[(position.cycle_id, position.institution_id)]
+        lines = lines_by_key.get((position.cycle_id, position.institution_id), [])
         opening = sum(
             (line["amount_minor"] if line["creditor"] == code else -line["amount_minor"])
             for line in lines

@@ -21,7 +21,7 @@ from zoneinfo import ZoneInfo
 
 from django.conf import settings
 from django.db import DatabaseError, IntegrityError, connection, transaction
-from django.db.models import F, Q, Sum
+from django.db.models import F, Sum
 from django.utils import timezone
 
 from clearinghouse.db import advisory_lock_id, execute_prepared, insert_sql
@@ -33,11 +33,7 @@ from ledger.models import Account, AccountKind, TransferKind
 from ledger.services import AccountKey, TransferSpec, accounts_ensure, transfers_post
 from methodology.books import owner_lock_id, owners_lock, person_owner
 from settlement import netting
-from settlement.digest import (
-    CARRY_SOURCE_PREFIX,
-    obligation_lines,
-    statement_digest,
-)
+from settlement.digest import CARRY_SOURCE_PREFIX, party_lines, statement_digest
 from settlement.exceptions import (
     CycleOrder,
     IdempotencyKeyInFlight,
@@ -301,12 +297,9 @@ def cycle_net(*, cycle: Cycle, minimum_minor: int | None = None, now: datetime |
     return rows
 
 
-def cycle_obligations(*, cycle: Cycle, institution_id: int | None = None) -> list[Obligation]:
-    """The gross obligations of a cycle, optionally only those an institution is party to (for digests)."""
-    qs = Obligation.objects.filter(cycle=cycle).order_by("id")
-    if institution_id is not None:
-        qs = qs.filter(Q(debtor_id=institution_id) | Q(creditor_id=institution_id))
-    return list(qs)
+def cycle_obligations(*, cycle: Cycle) -> list[Obligation]:
+    """The gross obligations of a cycle, in id order."""
+    return list(Obligation.objects.filter(cycle=cycle).order_by("id"))
 
 
 # --- Instructions -----------------------------------------------------------------------------------
@@ -362,12 +355,7 @@ def cycle_instruct(*, cycle: Cycle, now: datetime | None = None) -> list[Instruc
         raise IllegalCycleTransition(f"Cycle {cycle.pk} is {cycle.state}; only a netted cycle can be instructed.")
     positions = [p for p in NetPosition.objects.filter(cycle=cycle).order_by("institution_id") if p.instructed_minor]
     institutions = Institution.objects.in_bulk([p.institution_id for p in positions])
-    lines_by_party: dict[int, list[dict[str, Any]]] = defaultdict(list)
-    obligations = cycle_obligations(cycle=cycle)
-    for obligation, line in zip(obligations, obligation_lines(obligations), strict=True):
-        for party in {obligation.debtor_id, obligation.creditor_id} - {None}:
-            assert party is not None
-            lines_by_party[party].append(line)
+    lines = party_lines(cycle_obligations(cycle=cycle))
     value_date = value_date_for(cycle.cut_off_at)
     made: list[Instruction] = []
     for position in positions:
@@ -380,7 +368,7 @@ def cycle_instruct(*, cycle: Cycle, now: datetime | None = None) -> list[Instruc
             amount_minor=abs(signed),
             currency=cycle.currency,
             value_date=value_date,
-            statement_digest=statement_digest(lines_by_party[position.institution_id]),
+            statement_digest=statement_digest(lines.get((cycle.pk, position.institution_id), [])),
             created_at=now,
             updated_at=now,
         )
@@ -1330,7 +1318,9 @@ def _locked(redemption_pk: int, person_id: int) -> Redemption:
     UPDATE``, as erasure takes it first), the person's owner lock, then the redemption row."""
     Person.objects.select_for_update(no_key=True).filter(pk=person_id).values_list("pk").first()
     owners_lock([person_owner(person_id)])
-    return Redemption.objects.select_for_update().select_related("reward").get(pk=redemption_pk)
+    # The redemption row alone: a FOR UPDATE over a join would lock the reward row too, and every new
+    # hold of that reward (its foreign-key check) would queue behind this capture or void.
+    return Redemption.objects.select_for_update().get(pk=redemption_pk)
 
 
 def _find(*, provider_id: int, redemption_id: str) -> tuple[int, int] | None:
@@ -1513,5 +1503,6 @@ def _void(redemption: Redemption, *, status: str, reason: str, resolved_by: str,
     redemption.resolved_at = now
     redemption.resolved_by = resolved_by[:160]
     redemption.save(update_fields=["status", "reason", "resolved_at", "resolved_by"])
-    if Person.objects.filter(pk=redemption.person_id, erased_at__isnull=False).exists():
-        person_erase(person=Person.objects.get(pk=redemption.person_id))
+    erased = Person.objects.filter(pk=redemption.person_id, erased_at__isnull=False).first()
+    if erased is not None:
+        person_erase(person=erased)

@@ -6,8 +6,7 @@ import logging
 
 from celery import shared_task
 
-from settlement import services
-from settlement.services import cycle_run, cycles_fail_undelivered
+from settlement.services import cycle_run, cycles_fail_undelivered, redemptions_expire
 
 logger = logging.getLogger(__name__)
 
@@ -34,13 +33,10 @@ def cycles_watch() -> list[int]:
     return cycles_fail_undelivered()
 
 
-logger = logging.getLogger(__name__)
-
-
 @shared_task(acks_late=True, ignore_result=True)
 def redemptions_expire_due() -> int:
     """Beat: void the holds whose provider did not answer in time (``HUB_REDEMPTION_HOLD_HOURS``)."""
-    voided = services.redemptions_expire()
+    voided = redemptions_expire()
     if voided:
         logger.info("redemptions_expire_due: %d holds expired and returned to their lots", voided)
     return voided
