@@ -18,7 +18,7 @@ from ledger.models import Account, Transfer
 from ledger.selectors import ledger_check
 from settlement.exceptions import InsufficientPoints, OutOfStock, RedemptionRefused
 from settlement.models import Redemption, RedemptionAllocation, RedemptionRequest, Reward
-from settlement.services import redemption_hold, redemption_reject, redemptions_expire
+from settlement.services import _locked, redemption_hold, redemption_reject, redemptions_expire
 from tests.conftest import make_sender, run_together
 from tests.settlement.conftest import kind_total, lot_balances, make_reward, month_end, redeem
 from tests.wallets.conftest import credit, make_person
@@ -242,3 +242,26 @@ def test_a_rejection_racing_the_expiry_sweep_voids_once():
     assert Transfer.objects.filter(kind="void").count() == 8
     assert sum(lot_balances(person.pk).values()) == 100_000 and kind_total("redemption_hold") == 0
     assert ledger_check() == []
+
+
+def test_a_capture_in_progress_does_not_lock_the_reward_against_new_holds():
+    """Fulfilment and voids lock the redemption row, not its reward: a new hold's foreign-key check on the
+    reward (FOR KEY SHARE) must not wait for them."""
+    provider = make_sender("coffee-co", provider=True)
+    bank = make_sender("bank-a").institution
+    person, _ = make_person("mei")
+    credit(person.pk, bank.pk, month_end(3), 50_000)
+    reward = make_reward(provider, "coffee", points=10)
+    held = redemption_hold(person=person, reward_code="coffee", quantity=1)
+
+    with transaction.atomic():
+        _locked(held.pk, person.pk)  # what redemption_fulfil, _reject and _void hold until their commit
+
+        def probe(_: int) -> bool:
+            with connection.cursor() as cursor:
+                cursor.execute("SET lock_timeout = '2s'")
+                cursor.execute("SELECT 1 FROM settlement_reward WHERE id = %s FOR KEY SHARE", [reward.pk])
+                return cursor.fetchone() is not None
+
+        (free,) = run_at_once(1, probe)
+    assert free
