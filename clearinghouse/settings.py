@@ -111,7 +111,11 @@ if DATABASE_URL:
     # that safe). No code path of the hub is idle inside a transaction for anything like a minute.
     idle_ms = env_int("DB_IDLE_IN_TRANSACTION_TIMEOUT_MS", 60_000)
     if idle_ms > 0:
-        DATABASES["default"].setdefault("OPTIONS", {})["options"] = f"-c idle_in_transaction_session_timeout={idle_ms}"
+        db_options = DATABASES["default"].setdefault("OPTIONS", {})
+        # Added to what DATABASE_URL's own ?options= says (a search_path, say), not in its place.
+        db_options["options"] = (
+            f"{db_options.get('options', '')} -c idle_in_transaction_session_timeout={idle_ms}".strip()
+        )
     # Prepared statements for the few hot statements the hub sends itself (clearinghouse.db.execute_prepared:
     # the person's token, the redemption hold): PostgreSQL parses and plans them once per connection.
     # Django's own queries bind on the client and are never prepared, whatever this says. Django turns

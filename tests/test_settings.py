@@ -20,6 +20,7 @@ ENVIRONMENT = [
     "HUB_ENCRYPTION_KEYS",
     "HUB_SUBJECT_KEY",
     "DB_IDLE_IN_TRANSACTION_TIMEOUT_MS",
+    "DB_PREPARED_STATEMENTS",
 ]
 
 
@@ -110,6 +111,21 @@ def test_postgresql_ends_sessions_left_idle_inside_a_transaction(load_settings, 
         assert "options" not in options
     else:
         assert options["options"] == f"-c idle_in_transaction_session_timeout={expected}"
+
+
+def test_the_idle_timeout_keeps_the_options_database_url_gives(load_settings):
+    loaded = load_settings(DATABASE_URL="postgres://hub@db.example/hub?options=-c%20search_path%3Dhub")
+    options = loaded["DATABASES"]["default"]["OPTIONS"]["options"]
+    assert options == "-c search_path=hub -c idle_in_transaction_session_timeout=60000"
+
+
+@pytest.mark.parametrize(("value", "threshold"), [(None, 5), ("1", 5), ("0", None)])
+def test_prepared_statements_are_on_unless_switched_off(load_settings, value, threshold):
+    environment = {"DATABASE_URL": "postgres://hub@db.example/hub"}
+    if value is not None:
+        environment["DB_PREPARED_STATEMENTS"] = value
+    options = load_settings(**environment)["DATABASES"]["default"].get("OPTIONS", {})
+    assert options.get("prepare_threshold") == threshold
 
 
 @pytest.mark.postgres
