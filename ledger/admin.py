@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from django.contrib import admin
-from django.http import HttpRequest
 from django.utils.html import format_html
 
 from clearinghouse.admin import ReadOnlyAdmin, ReadOnlyInline
@@ -38,9 +35,7 @@ class PostingInline(ReadOnlyInline):
     fields = ("id", "account", "amount", "created_at")
     readonly_fields = fields
     ordering = ("id",)
-
-    def get_queryset(self, request: HttpRequest) -> Any:
-        return super().get_queryset(request).select_related("account")
+    list_select_related = ("account",)
 
 
 @admin.register(Transfer)

@@ -16,7 +16,8 @@ from typing import Any
 from django import forms
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
-from django.db.models import Count, ForeignKey, Q, QuerySet
+from django.db.models import Count, ForeignKey, OuterRef, Q, QuerySet, Subquery
+from django.db.models.functions import Coalesce
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.urls import URLPattern, path, reverse
 from django.utils.html import format_html
@@ -111,6 +112,7 @@ class NetPositionInline(ReadOnlyInline):
         "instructed",
     )
     ordering = ["institution__code"]
+    list_select_related = ("institution",)
 
     @admin.display(description="instructed (signed)")
     def instructed(self, position: NetPosition) -> int:
@@ -121,6 +123,7 @@ class InstructionInline(ReadOnlyInline):
     model = Instruction
     fields = readonly_fields = ("link", "institution", "direction", "amount_minor", "value_date", "state_flag")
     ordering = ["institution__code"]
+    list_select_related = ("institution",)
 
     @admin.display(description="instruction")
     def link(self, instruction: Instruction) -> str:
@@ -136,6 +139,12 @@ def _state_flag(instruction: Instruction) -> str:
     if instruction.state == InstructionState.DISPUTED:
         return format_html('<strong style="color:#ba2121">&#9888; {}</strong>', instruction.state)
     return instruction.state
+
+
+def _per_cycle(rows: QuerySet[Any]) -> Coalesce:
+    """How many of ``rows`` belong to the cycle of the outer row."""
+    counted = rows.filter(cycle=OuterRef("pk")).order_by().values("cycle").annotate(n=Count("pk")).values("n")
+    return Coalesce(Subquery(counted), 0)
 
 
 @admin.register(Cycle)
@@ -161,11 +170,10 @@ class CycleAdmin(ReadOnlyAdmin):
             super()
             .get_queryset(request)
             .annotate(
-                n_obligations=Count("obligations", distinct=True),
-                n_instructions=Count("instructions", distinct=True),
-                n_disputed=Count(
-                    "instructions", filter=Q(instructions__state=InstructionState.DISPUTED), distinct=True
-                ),
+                # One small count per row shown, not a join of obligations x instructions over every cycle.
+                n_obligations=_per_cycle(Obligation.objects.all()),
+                n_instructions=_per_cycle(Instruction.objects.all()),
+                n_disputed=_per_cycle(Instruction.objects.filter(state=InstructionState.DISPUTED)),
             )
         )
 
@@ -283,6 +291,7 @@ class ConfirmationInline(ReadOnlyInline):
     model = Confirmation
     fields = readonly_fields = ("status", "reference", "received_at", "inbox_event")
     ordering = ["id"]
+    list_select_related = ("inbox_event",)
 
 
 @admin.register(Instruction)
@@ -396,9 +405,7 @@ class AllocationInline(ReadOnlyInline):
     model = RedemptionAllocation
     fields = readonly_fields = ("lot", "issuer", "expires_on", "amount")
     ordering = ("id",)
-
-    def get_queryset(self, request: HttpRequest) -> QuerySet[RedemptionAllocation]:
-        return super().get_queryset(request).select_related("lot", "issuer")
+    list_select_related = ("lot", "issuer")
 
     @admin.display(description="amount")
     def amount(self, allocation: RedemptionAllocation) -> str:

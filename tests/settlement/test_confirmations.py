@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
 
 from institutions.models import InboxEvent
@@ -155,3 +157,32 @@ def test_recording_is_idempotent_per_inbox_event(senders, instructed, deliver):
     # A crash after the handler but before the dispatcher recorded the outcome hands the event over again.
     assert confirmations_record(confirmations=[again])[0]["confirmed"] is True
     assert Confirmation.objects.count() == 1
+
+
+def test_the_cycle_admin_pages_cost_the_same_queries_however_many_institutions(admin_client, senders):
+    """The cycle list counts per row, and the change page loads the institutions with their positions and
+    instructions: the same number of queries for a cycle of four institutions as for one of eight."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from tests.conftest import make_sender
+
+    record(senders, WORKED)
+    small = cycle_run(now=CUT, minimum_minor=1)
+    more = {**senders, **{name: make_sender(f"bank-{name.lower()}") for name in "EFGH"}}
+    record(more, [*WORKED, ("E", "F", 7), ("F", "G", 9), ("G", "H", 11), ("H", "E", 3)], tag="later")
+    large = cycle_run(now=CUT + timedelta(hours=1), minimum_minor=1)
+    assert small is not None and large is not None
+
+    def queries(url: str) -> int:
+        with CaptureQueriesContext(connection) as captured:
+            assert admin_client.get(url).status_code == 200
+        return len(captured)
+
+    change = "/admin/settlement/cycle/{}/change/"
+    queries(change.format(small.cycle.pk))  # the first page of a session also loads the session and caches
+    assert queries(change.format(small.cycle.pk)) == queries(change.format(large.cycle.pk))
+    listing = admin_client.get("/admin/settlement/cycle/").content.decode()
+    # The counts shown: 6 obligations and 4 instructions, then 10 and 8.
+    assert '<td class="field-obligation_count">6</td>' in listing
+    assert '<td class="field-obligation_count">10</td>' in listing
