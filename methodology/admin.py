@@ -10,6 +10,7 @@ from django.db.models import QuerySet
 from django.forms import BaseInlineFormSet
 from django.http import HttpRequest
 
+from clearinghouse.admin import ReadOnlyAdmin
 from methodology.models import (
     ActionMapping,
     Cap,
@@ -120,7 +121,7 @@ class EvidenceTierAdmin(StandardAdmin):
 
 
 @admin.register(NormalizedActivity)
-class NormalizedActivityAdmin(admin.ModelAdmin):
+class NormalizedActivityAdmin(ReadOnlyAdmin):
     list_display = (
         "id",
         "occurred_at",
@@ -139,15 +140,6 @@ class NormalizedActivityAdmin(admin.ModelAdmin):
     show_full_result_count = False
     # Subject refs are keyed hashes, but an owner is shown by pseudonym only.
     exclude = ("subject_ref", "owner_key")
-
-    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> list[str]:
-        return [f.name for f in self.model._meta.fields if f.name not in self.exclude]
-
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
 
     @admin.display(description="owner")
     def owner(self, obj: NormalizedActivity) -> str:
