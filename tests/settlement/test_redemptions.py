@@ -622,6 +622,11 @@ def test_the_schema_documents_the_redemption_endpoints(client):
     assert {(p["name"], p["in"], p["required"]) for p in create["parameters"]} >= {("Idempotency-Key", "header", True)}
     assert {"201", "409", "422"} <= set(create["responses"])
     assert "get" in schema["paths"]["/api/v1/rewards"]
+    # The list is documented as what it answers: a cursor page of redemptions.
+    listing = schema["paths"]["/api/v1/me/redemptions"]["get"]
+    assert "cursor" in {p["name"] for p in listing["parameters"]}
+    page = listing["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[-1]
+    assert {"next", "previous", "results"} <= set(schema["components"]["schemas"][page]["properties"])
 
 
 def test_the_export_lists_the_persons_redemptions(client, provider, wallet):
