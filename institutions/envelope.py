@@ -27,8 +27,9 @@ SETTLEMENT_CONFIRMED = "carbon.settlement.confirmed"
 ATTRIBUTES = frozenset({"specversion", "id", "source", "type", "subject", "time", "data", "datacontenttype"})
 SUBJECT_REQUIRED = frozenset({ACTIVITY_RECORDED, ACTIVITY_REVERSED, ACCOUNT_LINKED, ACCOUNT_UNLINKED})
 TIME_REQUIRED = frozenset({ACTIVITY_RECORDED})
-# Events whose subject must be recoverable later (linking names the subject back to its institution).
-SEAL_SUBJECT = frozenset({ACCOUNT_LINKED, ACCOUNT_UNLINKED})
+# Events whose subject must be recoverable later: linking names the subject back to its institution, so
+# a link event keeps an encrypted copy until it is handled (the membership keeps its own from then on).
+SEAL_SUBJECT = frozenset({ACCOUNT_LINKED})
 
 MAX_ID = 128
 MAX_SUBJECT = 256

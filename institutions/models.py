@@ -122,8 +122,9 @@ class InboxEvent(models.Model):
 
     Unique per (institution, event id). ``content_hash`` (SHA-256 over the canonical event) tells a
     harmless resend from a conflicting reuse of the id. The institution's subject id is never kept
-    in clear: ``subject_ref`` is its keyed hash; account events also keep ``subject_sealed``, an
-    encrypted copy, because linking must be able to name the subject back to its institution.
+    in clear: ``subject_ref`` is its keyed hash; a link event also keeps ``subject_sealed``, an
+    encrypted copy, until it is handled, because linking must be able to name the subject back to its
+    institution (the membership keeps its own copy from then on).
     Raw bodies are not retained: they carry subject ids (DESIGN.md, privacy), so only hashes stay.
     """
 
@@ -165,11 +166,6 @@ class InboxEvent(models.Model):
             # What operators look for; processed rows, the vast majority, stay out of it.
             models.Index(
                 fields=["status", "type"], condition=Q(status__in=["quarantined", "dead"]), name="inbox_needs_attention"
-            ),
-            # The few rows that keep a sealed subject (account events), found by subject when the
-            # person it was linked to is erased; activities stay out of it.
-            models.Index(
-                fields=["institution", "subject_ref"], condition=~Q(subject_sealed=""), name="inbox_sealed_subject"
             ),
         ]
 

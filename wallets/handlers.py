@@ -36,7 +36,10 @@ def handle_account_linked(events: Sequence[InboxEvent]) -> Sequence[Outcome]:
             event_id=event.event_id,
         )
         outcomes.append(Outcome.processed({"linked": decision.linked, "reason": str(decision.result)}))
-    InboxEvent.objects.filter(pk__in=[event.pk for event in events]).update(data=REDACTED_LINK_DATA)
+    # Handled: the link code is spent and the subject id lives on in the membership (sealed there), so
+    # the event keeps neither. Nothing else of the hub can name the subject from the inbox afterwards,
+    # whatever happens to the person later (erasure has nothing to find here).
+    InboxEvent.objects.filter(pk__in=[event.pk for event in events]).update(data=REDACTED_LINK_DATA, subject_sealed="")
     return outcomes
 
 

@@ -35,7 +35,7 @@ from django.utils import timezone
 from rest_framework.authtoken.models import Token
 
 from institutions import crypto
-from institutions.models import InboxEvent, Institution
+from institutions.models import Institution
 from ledger.models import Account, AccountKind
 from ledger.services import AccountKey, TransferSpec, accounts_ensure, sweep_keys, transfers_post
 from methodology.books import owners_lock, person_owner, subject_owner
@@ -431,14 +431,8 @@ def person_erase(*, person: Person) -> PersonErased:
         transfers = len(created)
 
     LinkAttempt.objects.filter(person=person).update(person=None)
-    pairs = set(Membership.objects.filter(person=person).values_list("institution_id", "subject_ref"))
+    # The links, with their sealed subject ids: the only copies once a link event is handled.
     links_deleted, _ = Membership.objects.filter(person=person).delete()
-    # The sealed subject ids kept on the handled account events of those subjects: with them the hub
-    # could still name the erased person's accounts. Events not handled yet keep theirs (they need it).
-    for institution_id, subject_ref in pairs:
-        InboxEvent.objects.filter(institution_id=institution_id, subject_ref=subject_ref).exclude(
-            subject_sealed=""
-        ).exclude(status=InboxEvent.Status.RECEIVED).update(subject_sealed="")
     # The answers kept for the person's Idempotency-Keys: the person can make no request any more, so
     # nothing will replay them. The redemptions themselves stay, pseudonymous, with the books.
     from settlement.models import RedemptionRequest  # settlement builds on wallets, not the reverse

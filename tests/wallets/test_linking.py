@@ -114,9 +114,15 @@ def test_linking_is_idempotent(client, bank, deliver):
     (resent,) = deliver(bank, link_event(code))
     assert outcome(resent) == {"linked": True, "reason": "already_linked"}
 
-    # The dispatcher hands a row again, as it was before handling (as if its commit had been lost).
+    # The dispatcher hands a row again, as it was before handling (as if its commit had been lost: the
+    # handling blanked the link code and the sealed subject id with it).
+    assert first.data != {"link_code": code} and first.subject_sealed == ""
     InboxEvent.objects.filter(pk=first.pk).update(
-        status=InboxEvent.Status.RECEIVED, outcome=None, data={"link_code": code}, available_at=timezone.now()
+        status=InboxEvent.Status.RECEIVED,
+        outcome=None,
+        data={"link_code": code},
+        subject_sealed=crypto.seal("cust-77"),
+        available_at=timezone.now(),
     )
     inbox_drain()
     first.refresh_from_db()
