@@ -23,6 +23,7 @@ class Migration(migrations.Migration):
     ]
 
     operations = [
-        migrations.RemoveIndex(model_name="inboxevent", name="inbox_sealed_subject"),
+        # First, while the partial index on the sealed rows still finds them without a scan of the inbox.
         migrations.RunPython(clear_handled, migrations.RunPython.noop),
+        migrations.RemoveIndex(model_name="inboxevent", name="inbox_sealed_subject"),
     ]
