@@ -34,11 +34,14 @@ A cycle's states, each entered by a real event (``settlement.services``):
     settled     every ``pay`` instruction is confirmed ``paid``: all money owed to the hub came in;
     reconciled  every instruction is confirmed: ``pay`` ones ``paid`` and ``receive`` ones ``received``,
                 so both sides agree on every figure. Final: later confirmations are refused;
-    disputed    some instruction's latest confirmation is ``disputed`` (flagged for the operator); it
-                moves on to settled (and reconciled) by the rules above once no instruction is disputed
-                any more, i.e. the disputing institution confirmed again after the operator resolved it;
-    failed      an instruction's webhook died undelivered (``cycles_fail_undelivered``); the operator
-                resends it and the cycle is instructed again.
+    disputed    some instruction's latest confirmation is ``disputed`` (flagged for the operator); once
+                no instruction is disputed any more (the disputing institution confirmed again after the
+                operator resolved it) it moves by the rules above, or back to instructed if some payer
+                has not paid yet;
+    failed      an instruction's webhook died undelivered (``cycles_fail_undelivered``, watching
+                instructed, settled and disputed cycles: a settled cycle's receiver may never have
+                been told); the operator resends it and the cycle is instructed again, and moves on
+                as its confirmations justify.
 A cycle moves as far as its confirmations justify at once: one with no ``pay`` instruction is settled
 as soon as it is instructed, one with no instruction at all is reconciled.
 

@@ -89,9 +89,9 @@ CYCLE_TRANSITIONS: dict[str, frozenset[str]] = {
     CycleState.CUT_OFF: frozenset({CycleState.NETTED}),
     CycleState.NETTED: frozenset({CycleState.INSTRUCTED}),
     CycleState.INSTRUCTED: frozenset({CycleState.SETTLED, CycleState.FAILED, CycleState.DISPUTED}),
-    CycleState.SETTLED: frozenset({CycleState.RECONCILED, CycleState.DISPUTED}),
+    CycleState.SETTLED: frozenset({CycleState.RECONCILED, CycleState.DISPUTED, CycleState.FAILED}),
     CycleState.FAILED: frozenset({CycleState.INSTRUCTED, CycleState.DISPUTED}),
-    CycleState.DISPUTED: frozenset({CycleState.SETTLED, CycleState.FAILED}),
+    CycleState.DISPUTED: frozenset({CycleState.INSTRUCTED, CycleState.SETTLED, CycleState.FAILED}),
     CycleState.RECONCILED: frozenset(),
 }
 
@@ -437,7 +437,8 @@ def _cycle_goal(state: str, instructions: Sequence[tuple[str, str]]) -> str:
         if all(s == InstructionState.RECEIVED for d, s in instructions if d == InstructionDirection.RECEIVE):
             return CycleState.RECONCILED
         return CycleState.SETTLED
-    return state
+    # A dispute withdrawn before every payer paid: the cycle waits again as it did before.
+    return CycleState.INSTRUCTED if state == CycleState.DISPUTED else state
 
 
 def _cycle_advance(cycle: Cycle) -> Cycle:
@@ -544,20 +545,25 @@ def _confirmed(instruction: Instruction, cycle: Cycle, status: str) -> dict[str,
     }
 
 
+# Cycles whose instructions are still being delivered or answered: a dead webhook there fails the cycle.
+# A settled cycle is one: its payers paid, but a receiver whose webhook died was never told.
+_AWAITING_INSTITUTIONS = (CycleState.INSTRUCTED, CycleState.SETTLED, CycleState.DISPUTED)
+
+
 @transaction.atomic
 def cycles_fail_undelivered() -> list[int]:
-    """Move every ``instructed`` cycle with an instruction whose webhook is dead to ``failed``; their ids.
-
-    The beat watch runs it; safe to run twice (a failed cycle is no longer instructed).
+    """Move every instructed, settled or disputed cycle with an instruction whose webhook is dead to
+    ``failed``; their ids. The beat watch runs it; safe to run twice (a failed cycle is left alone).
     """
     ids = list(
-        Cycle.objects.filter(state=CycleState.INSTRUCTED, instructions__message__status=OutboxMessage.Status.DEAD)
+        Cycle.objects.filter(state__in=_AWAITING_INSTITUTIONS, instructions__message__status=OutboxMessage.Status.DEAD)
         .values_list("pk", flat=True)
         .distinct()
         .order_by("pk")
     )
     failed: list[int] = []
-    for cycle in Cycle.objects.select_for_update().filter(pk__in=ids, state=CycleState.INSTRUCTED).order_by("pk"):
+    awaiting = Cycle.objects.select_for_update().filter(pk__in=ids, state__in=_AWAITING_INSTITUTIONS)
+    for cycle in awaiting.order_by("pk"):
         cycle_transition(cycle=cycle, to=CycleState.FAILED)
         logger.error("settlement: cycle %s failed: an instruction's webhook died undelivered", cycle.pk)
         failed.append(cycle.pk)

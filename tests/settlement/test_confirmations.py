@@ -95,6 +95,16 @@ def test_a_dispute_is_flagged_and_a_later_confirmation_resolves_it(admin_client,
     assert states == ["disputed", "received"]  # every confirmation is kept
 
 
+def test_a_dispute_withdrawn_before_the_payer_paid_puts_the_cycle_back_to_instructed(senders, instructed, deliver):
+    (row,) = deliver(senders["C"], confirmed_event(instructed["C"].instruction_id, "disputed", "expected 25"))
+    assert outcome(row)["cycle_state"] == "disputed"
+    # Resolved with the operator, C confirms; A has not paid yet, so the cycle is simply instructed again.
+    (row,) = deliver(senders["C"], confirmed_event(instructed["C"].instruction_id, "received"))
+    assert outcome(row)["cycle_state"] == "instructed"
+    deliver(senders["A"], confirmed_event(instructed["A"].instruction_id, "paid"))
+    assert cycle_state(instructed["A"]) == CycleState.SETTLED
+
+
 def test_another_institutions_instruction_is_refused_like_an_unknown_one(senders, instructed, deliver):
     (row,) = deliver(senders["B"], confirmed_event(instructed["A"].instruction_id, "paid", "not mine"))
     assert outcome(row) == {"confirmed": False, "reason": "unknown_instruction"}

@@ -114,3 +114,20 @@ def test_a_dead_instruction_webhook_fails_the_cycle_and_the_operator_resends_it(
     }
     # Same webhook-ids as the first attempts: a receiver that saw one before drops it.
     assert {h["webhook-id"] for h, _ in receiver.requests} == {i.message.message_id for i in instructions}
+
+
+def test_a_dead_webhook_of_an_already_settled_cycle_still_fails_it_for_the_operator() -> None:
+    """A cycle whose payers paid is settled, but a receiver that was never told still needs the operator."""
+    port = _free_port()
+    instructions = ring(3, f"http://127.0.0.1:{port}/hooks")
+    cycle = Cycle.objects.get()
+    Instruction.objects.filter(direction="pay").update(state="paid")
+    Cycle.objects.filter(pk=cycle.pk).update(state=CycleState.SETTLED)  # as the payers' confirmations leave it
+    for _ in range(outbox.MAX_ATTEMPTS):  # nobody ever listens
+        make_due()
+        outbox.deliveries_send(limit=100)
+    assert OutboxMessage.objects.filter(status="dead").count() == len(instructions)
+
+    assert cycles_fail_undelivered() == [cycle.pk]
+    cycle.refresh_from_db()
+    assert cycle.state == CycleState.FAILED
