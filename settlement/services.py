@@ -1384,13 +1384,13 @@ def redemption_fulfil(
         return Resolution(redemption_id, "refused", redemption.status, "hold_expired")
 
     mg_by_issuer = _mg_by_issuer(redemption)
-    holds = _hold_accounts(redemption.pk, mg_by_issuer)
-    redeemed = accounts_ensure(
-        keys=[AccountKey.redeemed(provider_id=provider_id, issuer_id=issuer_id) for issuer_id in mg_by_issuer]
-    )
+    hold_keys = {i: AccountKey.redemption_hold(redemption_id=redemption.pk, issuer_id=i) for i in mg_by_issuer}
+    redeemed_keys = {i: AccountKey.redeemed(provider_id=provider_id, issuer_id=i) for i in mg_by_issuer}
+    ids = accounts_ensure(keys=[*hold_keys.values(), *redeemed_keys.values()])  # one read for both kinds
     legs: list[tuple[int, int]] = []
-    for key, account_id in sorted(redeemed.items(), key=lambda item: item[0].issuer_id):
-        legs += [(holds[key.issuer_id], -mg_by_issuer[key.issuer_id]), (account_id, mg_by_issuer[key.issuer_id])]
+    for issuer_id in sorted(mg_by_issuer):
+        mg = mg_by_issuer[issuer_id]
+        legs += [(ids[hold_keys[issuer_id]], -mg), (ids[redeemed_keys[issuer_id]], mg)]
     transfers_post(
         transfers=[
             TransferSpec(
