@@ -8,9 +8,8 @@ in process, generated development secrets. Production sets ``DATABASE_URL``, ``R
 from __future__ import annotations
 
 import os
-from datetime import UTC, datetime, time
+from datetime import time
 from pathlib import Path
-from zoneinfo import ZoneInfo
 
 import dj_database_url
 from celery.schedules import crontab
@@ -297,14 +296,15 @@ HUB_STANDARD_TIMEZONE = os.environ.get("HUB_STANDARD_TIMEZONE", "Asia/Shanghai")
 # Points lapse at the end of the month this many months after the act; an institution may set its own.
 HUB_POINTS_VALIDITY_MONTHS = env_int("HUB_POINTS_VALIDITY_MONTHS", 24)
 
-# Lapsed lots move to expired(issuer) once a day, five minutes after midnight in the standard's time zone
-# (Celery's crontab counts in UTC; the offset is taken at start-up, so a DST zone may run an hour off).
-# The sweep is idempotent: a missed or repeated run does no harm.
-_standard_zone = ZoneInfo(HUB_STANDARD_TIMEZONE)
-_midnight_utc = datetime.combine(datetime.now(_standard_zone).date(), time(0, 5), _standard_zone).astimezone(UTC)
+# Beat's crontab schedules count in the standard's time zone (daylight saving included); the broker and
+# the tasks' ETAs stay in UTC.
+CELERY_TIMEZONE = HUB_STANDARD_TIMEZONE
+
+# Lapsed lots move to expired(issuer) once a day, five minutes after local midnight. The sweep is
+# idempotent: a missed or repeated run does no harm.
 CELERY_BEAT_SCHEDULE["ledger-lots-expire"] = {
     "task": "ledger.tasks.lots_expire_daily",
-    "schedule": crontab(hour=_midnight_utc.hour, minute=_midnight_utc.minute),
+    "schedule": crontab(hour=0, minute=5),
 }
 
 # --- Settlement -------------------------------------------------------------------------------------
@@ -316,12 +316,10 @@ HUB_SETTLEMENT_VALUE_DAYS = env_int("HUB_SETTLEMENT_VALUE_DAYS", 1)
 # The daily cycle is cut, netted and instructed at this local time (HH:MM in HUB_STANDARD_TIMEZONE), after
 # the lots expire; the run is idempotent (a second run finds nothing new to cut).
 HUB_SETTLEMENT_CUT_OFF_TIME = os.environ.get("HUB_SETTLEMENT_CUT_OFF_TIME", "00:15")
-_cut_off_utc = datetime.combine(
-    datetime.now(_standard_zone).date(), time.fromisoformat(HUB_SETTLEMENT_CUT_OFF_TIME), _standard_zone
-).astimezone(UTC)
+_cut_off = time.fromisoformat(HUB_SETTLEMENT_CUT_OFF_TIME)
 CELERY_BEAT_SCHEDULE["settlement-run-daily"] = {
     "task": "settlement.tasks.settlement_run_daily",
-    "schedule": crontab(hour=_cut_off_utc.hour, minute=_cut_off_utc.minute),
+    "schedule": crontab(hour=_cut_off.hour, minute=_cut_off.minute),
 }
 # Instructions whose webhook died undelivered fail their cycle, so the operator sees it and resends.
 CELERY_BEAT_SCHEDULE["settlement-cycles-watch"] = {

@@ -1,9 +1,12 @@
 """Settings: the Celery reliability model (DESIGN.md) and the environment of CONTRACT.md section 7."""
 
 import runpy
+from datetime import date, datetime, time, timedelta
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pytest
+from celery.schedules import crontab
 from django.core.exceptions import ImproperlyConfigured
 
 from clearinghouse.celery import app as celery_app
@@ -158,3 +161,22 @@ def test_the_intake_limits_of_the_contract():
     assert settings.HUB_INTAKE_MAX_EVENTS == 1000
     assert settings.HUB_SIGNATURE_TOLERANCE_SECONDS == 300
     assert settings.DATA_UPLOAD_MAX_MEMORY_SIZE > settings.HUB_INTAKE_MAX_BYTES
+
+
+def test_the_daily_runs_follow_the_standards_local_time_across_daylight_saving(load_settings):
+    """Beat counts the lots' sweep (00:05) and the settlement run (cut-off time) in the standard's zone,
+    so a zone with daylight saving keeps them at the same local time (they ran off by an hour before)."""
+    from celery import Celery
+
+    loaded = load_settings(HUB_STANDARD_TIMEZONE="Europe/Berlin", HUB_SETTLEMENT_CUT_OFF_TIME="00:15")
+    app = Celery(set_as_current=False)
+    app.conf.timezone = loaded["CELERY_TIMEZONE"]
+    berlin = ZoneInfo("Europe/Berlin")
+    for name, local in (("ledger-lots-expire", time(0, 5)), ("settlement-run-daily", time(0, 15))):
+        schedule = loaded["CELERY_BEAT_SCHEDULE"][name]["schedule"]
+        for day in (date(2026, 3, 28), date(2026, 3, 29), date(2026, 10, 25)):  # DST starts and ends
+            last_run = datetime.combine(day - timedelta(days=1), local, berlin)
+            now = datetime.combine(day, time(0, 0), berlin)
+            due = crontab(hour=schedule.hour, minute=schedule.minute, app=app, nowfun=lambda now=now: now)
+            next_run = (now + due.remaining_estimate(last_run)).astimezone(berlin)
+            assert (next_run.date(), next_run.time()) == (day, local), (name, day, next_run)
