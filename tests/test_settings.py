@@ -170,7 +170,7 @@ def test_the_daily_runs_follow_the_standards_local_time_across_daylight_saving(l
 
     loaded = load_settings(HUB_STANDARD_TIMEZONE="Europe/Berlin", HUB_SETTLEMENT_CUT_OFF_TIME="00:15")
     app = Celery(set_as_current=False)
-    app.conf.timezone = loaded["CELERY_TIMEZONE"]
+    app.conf.update(timezone=loaded["CELERY_TIMEZONE"])
     berlin = ZoneInfo("Europe/Berlin")
     for name, local in (("ledger-lots-expire", time(0, 5)), ("settlement-run-daily", time(0, 15))):
         schedule = loaded["CELERY_BEAT_SCHEDULE"][name]["schedule"]
