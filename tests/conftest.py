@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from django.test import Client
 
 from institutions import crypto
-from institutions.models import Institution
+from institutions.models import InboxEvent, Institution
 from institutions.selectors import forget_all_institutions
 from institutions.services import institution_register
 
@@ -152,6 +152,12 @@ def django_db_modify_db_settings(django_db_modify_db_settings_parallel_suffix: N
 
 
 @pytest.fixture(autouse=True)
+def _fast_password_hashing(settings: Any) -> None:
+    # The default hasher is slow on purpose; the tests check behaviour, not hashing cost.
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
+@pytest.fixture(autouse=True)
 def _fresh_credential_cache() -> Iterator[None]:
     forget_all_institutions()
     yield
@@ -187,6 +193,23 @@ def bank(db: None) -> Sender:
 @pytest.fixture
 def other_bank(db: None) -> Sender:
     return make_sender("bank-b")
+
+
+Deliver = Callable[..., list[InboxEvent]]
+
+
+@pytest.fixture
+def deliver(client: Client, django_capture_on_commit_callbacks: Any) -> Deliver:
+    """Send events signed by ``sender`` (one request; a batch when several) and return their inbox
+    rows after the dispatcher drained them on commit."""
+
+    def send(sender: Sender, *events: dict[str, Any]) -> list[InboxEvent]:
+        with django_capture_on_commit_callbacks(execute=True):
+            response = post_events(client, sender, list(events) if len(events) > 1 else events[0])
+        assert response.status_code == 202, response.content
+        return [InboxEvent.objects.get(institution=sender.institution, event_id=e["id"]) for e in events]
+
+    return send
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
