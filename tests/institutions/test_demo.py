@@ -17,6 +17,7 @@ from django.core.management import CommandError, call_command
 from django.db.models import QuerySet
 
 from institutions import crypto
+from institutions.demo import stories
 from institutions.demo.client import Hub, Sender
 from institutions.demo.receiver import DemoReceiver
 from institutions.demo.stories import POOLED_REWARD, _statement_problems, statement_digest
@@ -386,7 +387,9 @@ def test_demo_traffic_fails_when_one_issuer_alone_could_pay_the_reward(var_dir, 
 
 
 @pytest.mark.django_db(transaction=True)
-def test_demo_traffic_fails_when_the_provider_is_not_answered(var_dir, live_server, receiver_url):
+def test_demo_traffic_fails_when_the_provider_is_not_answered(var_dir, live_server, receiver_url, monkeypatch):
+    # The story waits this long for a reply that never comes (the refusal itself arrives at once).
+    monkeypatch.setattr(stories, "REPLY_TIMEOUT_SECONDS", 1.0)
     setup(var_dir, receiver_url)
     # The provider's endpoint points where the receiver plays no institution: it refuses the webhook.
     Institution.objects.filter(code=PROVIDER).update(endpoint_url=f"{receiver_url}/hooks/nobody")
