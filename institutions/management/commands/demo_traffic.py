@@ -267,8 +267,6 @@ class Command(BaseCommand):
         )
         return Settled(
             cycle_id=run.cycle.pk,
-            currency=run.cycle.currency,
-            minimum_minor=minimum_minor,
             instructions=[
                 {"institution": codes[i.institution_id], **instruction_webhook_data(i)} for i in run.instructions
             ],
