@@ -5,11 +5,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
@@ -210,6 +212,66 @@ def deliver(client: Client, django_capture_on_commit_callbacks: Any) -> Deliver:
         return [InboxEvent.objects.get(institution=sender.institution, event_id=e["id"]) for e in events]
 
     return send
+
+
+# --- A webhook receiver on loopback -------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nothing listens on (at the time of asking)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+Respond = Callable[[dict[str, str], bytes], tuple[int, dict[str, str]]]
+
+
+class Receiver:
+    """A threaded HTTP/1.1 server recording every request; ``respond`` decides each answer."""
+
+    def __init__(self, port: int = 0) -> None:
+        self.requests: list[tuple[dict[str, str], bytes]] = []
+        self.effects: dict[str, int] = {}  # webhook-id -> times applied (deduplicated: must stay 1)
+        self.respond: Respond = lambda headers, body: (200, {})
+        self.lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                headers = {k.lower(): v for k, v in self.headers.items()}
+                with receiver.lock:
+                    receiver.requests.append((headers, body))
+                    status, extra = receiver.respond(headers, body)
+                    if 200 <= status < 300:
+                        msg_id = headers["webhook-id"]
+                        receiver.effects[msg_id] = receiver.effects.get(msg_id, 0) or 1  # dedupe by webhook-id
+                self.send_response(status)
+                for name, value in extra.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        ThreadingHTTPServer.request_queue_size = 128
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/hooks"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

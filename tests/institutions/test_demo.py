@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import stat
 import time
 from decimal import Decimal
@@ -28,15 +27,10 @@ from methodology.models import ActionMapping, NormalizedActivity, Scenario
 from methodology.services import standard_changed
 from settlement.models import Confirmation, Cycle, Instruction, Obligation, Redemption, Reward
 from settlement.selectors import statements
+from tests.conftest import free_port
 from wallets.models import Membership, Person
 
 EAST, WEST, METRO = "demo-bank-east", "demo-pay-west", "demo-metro-card"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def setup(tmp_path: Path, receiver_url: str = "http://127.0.0.1:8001") -> tuple[str, dict]:
