@@ -18,6 +18,7 @@ from settlement import netting
 from settlement.digest import CARRY_SOURCE_PREFIX, party_lines, statement_digest
 from settlement.models import (
     Confirmation,
+    Cycle,
     Instruction,
     NetPosition,
     Obligation,
@@ -27,6 +28,11 @@ from settlement.models import (
 )
 from wallets.models import Person
 from wallets.selectors import MG_PER_POINT, grams_text
+
+
+def cycle_positions(*, cycle: Cycle) -> list[NetPosition]:
+    """The cycle's net positions by institution id, each with its institution loaded."""
+    return list(NetPosition.objects.filter(cycle=cycle).select_related("institution").order_by("institution_id"))
 
 
 def statement_positions(*, institution: Institution) -> QuerySet[NetPosition]:

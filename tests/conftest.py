@@ -5,11 +5,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
@@ -17,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from django.test import Client
 
 from institutions import crypto
-from institutions.models import Institution
+from institutions.models import InboxEvent, Institution
 from institutions.selectors import forget_all_institutions
 from institutions.services import institution_register
 
@@ -152,6 +154,12 @@ def django_db_modify_db_settings(django_db_modify_db_settings_parallel_suffix: N
 
 
 @pytest.fixture(autouse=True)
+def _fast_password_hashing(settings: Any) -> None:
+    # The default hasher is slow on purpose; the tests check behaviour, not hashing cost.
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
+@pytest.fixture(autouse=True)
 def _fresh_credential_cache() -> Iterator[None]:
     forget_all_institutions()
     yield
@@ -187,6 +195,83 @@ def bank(db: None) -> Sender:
 @pytest.fixture
 def other_bank(db: None) -> Sender:
     return make_sender("bank-b")
+
+
+Deliver = Callable[..., list[InboxEvent]]
+
+
+@pytest.fixture
+def deliver(client: Client, django_capture_on_commit_callbacks: Any) -> Deliver:
+    """Send events signed by ``sender`` (one request; a batch when several) and return their inbox
+    rows after the dispatcher drained them on commit."""
+
+    def send(sender: Sender, *events: dict[str, Any]) -> list[InboxEvent]:
+        with django_capture_on_commit_callbacks(execute=True):
+            response = post_events(client, sender, list(events) if len(events) > 1 else events[0])
+        assert response.status_code == 202, response.content
+        return [InboxEvent.objects.get(institution=sender.institution, event_id=e["id"]) for e in events]
+
+    return send
+
+
+# --- A webhook receiver on loopback -------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nothing listens on (at the time of asking)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+Respond = Callable[[dict[str, str], bytes], tuple[int, dict[str, str]]]
+
+
+class Receiver:
+    """A threaded HTTP/1.1 server recording every request; ``respond`` decides each answer."""
+
+    def __init__(self, port: int = 0) -> None:
+        self.requests: list[tuple[dict[str, str], bytes]] = []
+        self.effects: dict[str, int] = {}  # webhook-id -> times applied (deduplicated: must stay 1)
+        self.respond: Respond = lambda headers, body: (200, {})
+        self.lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                headers = {k.lower(): v for k, v in self.headers.items()}
+                with receiver.lock:
+                    receiver.requests.append((headers, body))
+                    status, extra = receiver.respond(headers, body)
+                    if 200 <= status < 300:
+                        msg_id = headers["webhook-id"]
+                        receiver.effects[msg_id] = receiver.effects.get(msg_id, 0) or 1  # dedupe by webhook-id
+                self.send_response(status)
+                for name, value in extra.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        ThreadingHTTPServer.request_queue_size = 128
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/hooks"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

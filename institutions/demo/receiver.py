@@ -136,10 +136,6 @@ class DemoReceiver:
                 self._changed.wait(left)
             return self._replies[key]
 
-    def received(self, webhook_type: str) -> list[Webhook]:
-        with self._changed:
-            return [w for w in self.webhooks if w.type == webhook_type]
-
     # --- Receiving ------------------------------------------------------------------------------------
 
     def _handler_class(self) -> type[BaseHTTPRequestHandler]:

@@ -59,8 +59,6 @@ class Settled:
     plus the ``institution`` code), and every institution with a net position in it."""
 
     cycle_id: int
-    currency: str
-    minimum_minor: int
     instructions: list[dict[str, Any]]
     institutions: list[str]
 
@@ -665,8 +663,8 @@ class Storyteller:
             raise StoryAborted(f"{code} {event_id}: HTTP {answer.status}: {results or answer.detail}")
         self._follow(code, event_id, sent=sent, expect=expect, note=note)
 
-    def _follow(self, code: str, event_id: str, *, sent: str, expect: Expect, note: str = "") -> dict[str, Any]:
-        """Follow ``code``'s event until the hub has handled it, print and check it; its outcome."""
+    def _follow(self, code: str, event_id: str, *, sent: str, expect: Expect, note: str = "") -> None:
+        """Follow ``code``'s event until the hub has handled it, print and check it."""
         sender = self.senders[code]
         followed = self._ask(self.hub.event_follow, sender, event_id, timeout=FOLLOW_TIMEOUT_SECONDS)
         document = followed.document if isinstance(followed.document, dict) else {}
@@ -686,8 +684,6 @@ class Storyteller:
             f"{shown}; {note}" if note else shown,
             expect.mismatches(status, document.get("outcome")),
         )
-        outcome = document.get("outcome")
-        return outcome if isinstance(outcome, dict) else {}
 
     def _person(
         self,

@@ -7,11 +7,8 @@ from __future__ import annotations
 
 import json
 import random
-import socket
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
@@ -20,58 +17,9 @@ from django.utils import timezone
 
 from institutions import crypto, outbox, services
 from institutions.models import DeliveryAttempt, Institution, OutboxMessage
-from tests.conftest import Sender, make_sender
+from tests.conftest import Receiver, Sender, free_port, make_sender
 
 pytestmark = pytest.mark.django_db
-
-Respond = Callable[[dict[str, str], bytes], tuple[int, dict[str, str]]]
-
-
-class Receiver:
-    """A threaded HTTP/1.1 server recording every request; ``respond`` decides each answer."""
-
-    def __init__(self, port: int = 0) -> None:
-        self.requests: list[tuple[dict[str, str], bytes]] = []
-        self.effects: dict[str, int] = {}  # webhook-id -> times applied (deduplicated: must stay 1)
-        self.respond: Respond = lambda headers, body: (200, {})
-        self.lock = threading.Lock()
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                headers = {k.lower(): v for k, v in self.headers.items()}
-                with receiver.lock:
-                    receiver.requests.append((headers, body))
-                    status, extra = receiver.respond(headers, body)
-                    if 200 <= status < 300:
-                        msg_id = headers["webhook-id"]
-                        receiver.effects[msg_id] = receiver.effects.get(msg_id, 0) or 1  # dedupe by webhook-id
-                self.send_response(status)
-                for name, value in extra.items():
-                    self.send_header(name, value)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        ThreadingHTTPServer.request_queue_size = 128
-        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/hooks"
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture
@@ -84,12 +32,6 @@ def receiver() -> Iterator[Receiver]:
 @pytest.fixture(autouse=True)
 def _allow_private(settings: Any) -> None:
     settings.HUB_ALLOW_PRIVATE_ENDPOINTS = True
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _provider(url: str, code: str = "shop-a") -> Sender:
@@ -163,7 +105,7 @@ def test_without_hmac_secret_only_v1a_is_sent(receiver: Receiver) -> None:
 
 
 def test_flaky_receiver_that_was_down_gets_every_message_exactly_once_in_effect() -> None:
-    port = _free_port()
+    port = free_port()
     sender = _provider(f"http://127.0.0.1:{port}/hooks")
     messages = _enqueue(sender, 60)
 

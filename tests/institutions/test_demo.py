@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import stat
 import time
 from decimal import Decimal
@@ -17,6 +16,7 @@ from django.core.management import CommandError, call_command
 from django.db.models import QuerySet
 
 from institutions import crypto
+from institutions.demo import stories
 from institutions.demo.client import Hub, Sender
 from institutions.demo.receiver import DemoReceiver
 from institutions.demo.stories import POOLED_REWARD, _statement_problems, statement_digest
@@ -27,15 +27,10 @@ from methodology.models import ActionMapping, NormalizedActivity, Scenario
 from methodology.services import standard_changed
 from settlement.models import Confirmation, Cycle, Instruction, Obligation, Redemption, Reward
 from settlement.selectors import statements
+from tests.conftest import free_port
 from wallets.models import Membership, Person
 
 EAST, WEST, METRO = "demo-bank-east", "demo-pay-west", "demo-metro-card"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def setup(tmp_path: Path, receiver_url: str = "http://127.0.0.1:8001") -> tuple[str, dict]:
@@ -386,7 +381,9 @@ def test_demo_traffic_fails_when_one_issuer_alone_could_pay_the_reward(var_dir, 
 
 
 @pytest.mark.django_db(transaction=True)
-def test_demo_traffic_fails_when_the_provider_is_not_answered(var_dir, live_server, receiver_url):
+def test_demo_traffic_fails_when_the_provider_is_not_answered(var_dir, live_server, receiver_url, monkeypatch):
+    # The story waits this long for a reply that never comes (the refusal itself arrives at once).
+    monkeypatch.setattr(stories, "REPLY_TIMEOUT_SECONDS", 1.0)
     setup(var_dir, receiver_url)
     # The provider's endpoint points where the receiver plays no institution: it refuses the webhook.
     Institution.objects.filter(code=PROVIDER).update(endpoint_url=f"{receiver_url}/hooks/nobody")

@@ -130,10 +130,10 @@ class Kicks(list):
     soon: tasks.KickCoalescer
 
 
-@pytest.fixture(params=["inbox_kick", "deliveries_kick"])
-def kicks(request, monkeypatch) -> Iterator[Kicks]:
-    """A fresh coalescer of the intake's or the deliveries' kick, with a broker (not in process), whose
-    kicks are recorded instead of sent."""
+@pytest.fixture
+def kicks() -> Iterator[Kicks]:
+    """A fresh coalescer (the intake's and the deliveries' kicks are both one), with a broker (not in
+    process), whose kicks are recorded instead of sent."""
     calls = Kicks()
     lock = threading.Lock()
 
@@ -141,8 +141,7 @@ def kicks(request, monkeypatch) -> Iterator[Kicks]:
         with lock:
             calls.append(time.monotonic())
 
-    monkeypatch.setattr(tasks, request.param, record)
-    calls.soon = tasks.KickCoalescer(lambda: getattr(tasks, request.param)())
+    calls.soon = tasks.KickCoalescer(record)
     with override_settings(CELERY_TASK_ALWAYS_EAGER=False, HUB_INBOX_KICK_COALESCE_SECONDS=0.2):
         yield calls
 

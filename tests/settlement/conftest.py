@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -20,7 +19,7 @@ from ledger.models import Account
 from ledger.services import lot_expiry
 from settlement.models import Reward
 from settlement.services import ObligationSpec, obligations_record, reward_create
-from tests.conftest import Sender, make_sender, post_events
+from tests.conftest import Sender, make_sender
 from tests.wallets.conftest import auth
 
 # A Friday, 20:00 in the standard's time zone (Asia/Shanghai).
@@ -76,21 +75,12 @@ def confirmed_event(
     }
 
 
-Deliver = Callable[..., list[InboxEvent]]
-
-
-@pytest.fixture
-def deliver(client: Any, django_capture_on_commit_callbacks: Any) -> Deliver:
-    """Send events signed by ``sender`` (one request; a batch when several) and return their inbox rows
-    after the dispatcher drained them on commit."""
-
-    def send(sender: Sender, *events: dict[str, Any]) -> list[InboxEvent]:
-        with django_capture_on_commit_callbacks(execute=True):
-            response = post_events(client, sender, list(events) if len(events) > 1 else events[0])
-        assert response.status_code == 202, response.content
-        return [InboxEvent.objects.get(institution=sender.institution, event_id=e["id"]) for e in events]
-
-    return send
+def outcome(row: InboxEvent) -> dict[str, Any]:
+    """The outcome of a row, read again from the database, asserting the dispatcher processed it."""
+    row.refresh_from_db()
+    assert row.status == InboxEvent.Status.PROCESSED, (row.status, row.last_error)
+    assert row.outcome is not None
+    return row.outcome
 
 
 TODAY = date.today()
@@ -101,11 +91,6 @@ def month_end(months_ahead: int) -> date:
     first = TODAY.replace(day=1)
     year, month = divmod(first.month - 1 + months_ahead, 12)
     return lot_expiry(date(first.year + year, month + 1, 1))
-
-
-@pytest.fixture(autouse=True)
-def _fast_password_hashing(settings: Any) -> None:
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 
 
 @pytest.fixture

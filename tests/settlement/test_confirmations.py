@@ -6,10 +6,9 @@ from datetime import timedelta
 
 import pytest
 
-from institutions.models import InboxEvent
 from settlement.models import Confirmation, Cycle, CycleState, Instruction, InstructionState
 from settlement.services import ConfirmationIn, confirmations_record, cycle_run
-from tests.settlement.conftest import CUT, WORKED, bearer, confirmed_event, record
+from tests.settlement.conftest import CUT, WORKED, bearer, confirmed_event, outcome, record
 
 pytestmark = pytest.mark.django_db
 
@@ -22,13 +21,6 @@ def instructed(senders) -> dict[str, Instruction]:
     assert run is not None and run.cycle.state == CycleState.INSTRUCTED
     by_code = {i.institution.code: i for i in run.instructions}
     return {name: by_code[sender.code] for name, sender in senders.items()}
-
-
-def outcome(row: InboxEvent) -> dict:
-    row.refresh_from_db()
-    assert row.status == "processed", (row.status, row.last_error)
-    assert row.outcome is not None
-    return row.outcome
 
 
 def cycle_state(instruction: Instruction) -> str:

@@ -9,8 +9,6 @@ from zoneinfo import ZoneInfo
 
 import pytest
 from django.core.management import CommandError, call_command
-from django.db import connection, transaction
-from django.db.utils import DatabaseError
 from django.utils import timezone
 
 from clearinghouse.celery import app as celery_app
@@ -143,7 +141,6 @@ def test_everything_carried_means_nothing_to_confirm(senders):
     assert run is not None and run.instructions == []
     assert run.cycle.state == CycleState.RECONCILED  # no instruction waits for a confirmation
     assert Obligation.objects.filter(cycle__isnull=True, source__startswith="carry:").count() == 4
-    assert cycle_run(now=CUT + timedelta(hours=1), minimum_minor=1000) is None  # carries alone make no cycle
 
 
 def test_a_closed_cycle_is_never_edited_and_late_obligations_land_in_the_next(client, senders):
@@ -167,10 +164,6 @@ def test_a_closed_cycle_is_never_edited_and_late_obligations_land_in_the_next(cl
     after = {name: statement(client, s, first.cycle.pk) for name, s in senders.items()}
     assert after == before  # the first cycle's statements, digests and figures did not move
     assert first.cycle.obligations.count() == 6
-    if connection.vendor == "postgresql":
-        late = Obligation.objects.get(source="late:0")
-        with pytest.raises(DatabaseError), transaction.atomic():
-            Obligation.objects.filter(pk=late.pk).update(cycle=first.cycle)  # the trigger refuses
 
 
 def test_the_daily_task_runs_the_same_service_and_is_safe_to_repeat(senders):

@@ -15,8 +15,7 @@ from institutions.models import Institution, OutboxMessage
 from settlement.models import Cycle, CycleState, Instruction
 from settlement.services import ObligationSpec, cycle_run, cycles_fail_undelivered, obligations_record
 from settlement.tasks import cycles_watch
-from tests.conftest import make_sender
-from tests.institutions.test_delivery import Receiver, _free_port
+from tests.conftest import Receiver, free_port, make_sender
 from tests.settlement.conftest import CUT, T0
 
 pytestmark = pytest.mark.django_db
@@ -48,7 +47,7 @@ def make_due() -> None:
 
 
 def test_a_flaky_receiver_that_was_down_applies_each_instruction_exactly_once() -> None:
-    port = _free_port()
+    port = free_port()
     instructions = ring(8, f"http://127.0.0.1:{port}/hooks")
 
     assert outbox.deliveries_send(limit=100) == {"delivered": 0, "failed": 8, "dead": 0}  # nobody listens yet
@@ -84,7 +83,7 @@ def test_a_flaky_receiver_that_was_down_applies_each_instruction_exactly_once() 
 
 
 def test_a_dead_instruction_webhook_fails_the_cycle_and_the_operator_resends_it(admin_client) -> None:
-    port = _free_port()
+    port = free_port()
     instructions = ring(3, f"http://127.0.0.1:{port}/hooks")
     cycle = Cycle.objects.get()
     for _ in range(outbox.MAX_ATTEMPTS):  # nobody ever listens: every attempt fails

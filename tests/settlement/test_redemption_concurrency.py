@@ -34,11 +34,6 @@ def run_at_once(count: int, work: Callable[[int], Any]) -> list[Any]:
     return results
 
 
-@pytest.fixture(autouse=True)
-def _password_hashing(settings: Any) -> None:
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-
-
 def test_fifty_concurrent_redemptions_against_a_wallet_that_affords_ten():
     provider = make_sender("coffee-co", provider=True)
     banks = [make_sender("bank-a").institution, make_sender("bank-b").institution]

@@ -8,12 +8,12 @@ from typing import Any
 
 import pytest
 
-from institutions.models import InboxEvent, OutboxMessage
+from institutions.models import OutboxMessage
 from ledger.models import Account
 from ledger.selectors import ledger_check
 from settlement.models import Obligation, Redemption
-from tests.conftest import Sender, activity, make_sender, post_events
-from tests.settlement.conftest import make_reward, redeem
+from tests.conftest import activity, make_sender
+from tests.settlement.conftest import make_reward, outcome, redeem
 from tests.wallets.conftest import auth, link_event, make_person, new_code
 
 pytestmark = pytest.mark.django_db
@@ -29,33 +29,13 @@ def answer(kind: str, redemption_id: str, **data: Any) -> dict[str, Any]:
     }
 
 
-@pytest.fixture
-def send(client, django_capture_on_commit_callbacks):
-    """Push events signed by ``sender`` and let the dispatcher run on commit, as a worker would."""
-
-    def push(sender: Sender, *events: dict[str, Any]) -> list[InboxEvent]:
-        with django_capture_on_commit_callbacks(execute=True):
-            response = post_events(client, sender, list(events))
-        assert response.status_code == 202, response.content
-        return [InboxEvent.objects.get(institution=sender.institution, event_id=e["id"]) for e in events]
-
-    return push
-
-
-def outcome(row: InboxEvent) -> dict[str, Any]:
-    row.refresh_from_db()
-    assert row.status == "processed", (row.status, row.last_error)
-    assert row.outcome is not None
-    return row.outcome
-
-
-def test_points_earned_at_a_bank_buy_a_coffee_the_provider_fulfils(client, bank, send):
+def test_points_earned_at_a_bank_buy_a_coffee_the_provider_fulfils(client, bank, deliver):
     coffee = make_sender("coffee-co", provider=True)
     _person, token = make_person("mei")
     code = new_code(client, token)
     # The bank links its customer and reports four 25 km metro rides: 4 x 25 x 46.8 g = 4,680 points.
-    send(bank, link_event(code, subject="cust-1"))
-    send(bank, *(activity(subject="cust-1", quantity="25") for _ in range(4)))
+    deliver(bank, link_event(code, subject="cust-1"))
+    deliver(bank, *(activity(subject="cust-1", quantity="25") for _ in range(4)))
     assert client.get("/api/v1/me/wallet", headers=auth(token)).json()["points"] == 4_680
     make_reward(coffee, "latte", points=1_000)
 
@@ -73,7 +53,7 @@ def test_points_earned_at_a_bank_buy_a_coffee_the_provider_fulfils(client, bank,
     }
 
     # The bank is no provider of it: its "fulfilment" is understood, and refused.
-    (forged,) = send(bank, answer("fulfilled", rid, voucher="FREE"))
+    (forged,) = deliver(bank, answer("fulfilled", rid, voucher="FREE"))
     assert outcome(forged) == {
         "redemption_id": rid,
         "result": "refused",
@@ -82,10 +62,10 @@ def test_points_earned_at_a_bank_buy_a_coffee_the_provider_fulfils(client, bank,
     }
     assert Redemption.objects.get().status == "pending"
 
-    (fulfilled,) = send(coffee, answer("fulfilled", rid, voucher="LATTE-2291"))
+    (fulfilled,) = deliver(coffee, answer("fulfilled", rid, voucher="LATTE-2291"))
     assert outcome(fulfilled) == {"redemption_id": rid, "result": "fulfilled", "status": "fulfilled", "reason": None}
     # Sent again (a new event id, the same answer): nothing more happens.
-    (again,) = send(coffee, answer("fulfilled", rid, voucher="LATTE-2291"))
+    (again,) = deliver(coffee, answer("fulfilled", rid, voucher="LATTE-2291"))
     assert outcome(again)["result"] == "already_fulfilled"
 
     redemption = Redemption.objects.get()
@@ -114,26 +94,26 @@ def test_points_earned_at_a_bank_buy_a_coffee_the_provider_fulfils(client, bank,
     assert ledger_check() == []
 
 
-def test_a_rejected_redemption_returns_its_points_and_a_late_fulfilment_is_refused(client, bank, send):
+def test_a_rejected_redemption_returns_its_points_and_a_late_fulfilment_is_refused(client, bank, deliver):
     coffee = make_sender("coffee-co", provider=True)
     _person, token = make_person("mei")
     code = new_code(client, token)
-    send(bank, link_event(code, subject="cust-1"))
-    send(bank, activity(subject="cust-1", quantity="10"))  # 468 points
+    deliver(bank, link_event(code, subject="cust-1"))
+    deliver(bank, activity(subject="cust-1", quantity="10"))  # 468 points
     make_reward(coffee, "cake", points=400, stock=2)
     rid = redeem(client, token, "cake").json()["id"]
     assert client.get("/api/v1/me/wallet", headers=auth(token)).json()["points"] == 68
 
     # The bank cannot reject the coffee shop's redemption either.
-    (forged,) = send(bank, answer("rejected", rid, reason="no"))
+    (forged,) = deliver(bank, answer("rejected", rid, reason="no"))
     assert outcome(forged)["reason"] == "unknown_redemption"
-    (rejected,) = send(coffee, answer("rejected", rid, reason="out of cake"))
+    (rejected,) = deliver(coffee, answer("rejected", rid, reason="out of cake"))
 
     assert outcome(rejected) == {"redemption_id": rid, "result": "rejected", "status": "rejected", "reason": None}
     assert client.get("/api/v1/me/wallet", headers=auth(token)).json()["points"] == 468
     redemption = Redemption.objects.get()
     assert (redemption.status, redemption.reason) == ("rejected", "out of cake")
-    (late,) = send(coffee, answer("fulfilled", rid, voucher="CAKE-1"))
+    (late,) = deliver(coffee, answer("fulfilled", rid, voucher="CAKE-1"))
     assert outcome(late) == {
         "redemption_id": rid,
         "result": "refused",
@@ -142,6 +122,6 @@ def test_a_rejected_redemption_returns_its_points_and_a_late_fulfilment_is_refus
     }
     assert Redemption.objects.get().status == "rejected" and not Obligation.objects.exists()
     assert not Account.objects.filter(kind="redeemed").exists()
-    (unknown,) = send(coffee, answer("fulfilled", "rdm_nope"))
+    (unknown,) = deliver(coffee, answer("fulfilled", "rdm_nope"))
     assert outcome(unknown)["reason"] == "unknown_redemption"
     assert ledger_check() == []

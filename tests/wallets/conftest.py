@@ -4,25 +4,15 @@ real signed intake and drained by the real dispatcher."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
 from datetime import date
 from typing import Any
 
-import pytest
-
 from institutions.models import InboxEvent
 from ledger.services import AccountKey, TransferSpec, accounts_ensure, transfers_post
-from tests.conftest import Sender, post_events
 from wallets.models import Person
 from wallets.services import person_signup
 
 PASSWORD = "a long and unusual passphrase"
-
-
-@pytest.fixture(autouse=True)
-def _fast_password_hashing(settings: Any) -> None:
-    # The default hasher is slow on purpose; these tests check behaviour, not hashing cost.
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 
 
 def make_person(username: str) -> tuple[Person, str]:
@@ -61,23 +51,6 @@ def unlink_event(*, subject: str = "cust-77", event_id: str | None = None) -> di
         "subject": subject,
         "data": {},
     }
-
-
-Deliver = Callable[..., list[InboxEvent]]
-
-
-@pytest.fixture
-def deliver(client: Any, django_capture_on_commit_callbacks: Any) -> Deliver:
-    """Send events signed by ``sender`` (one request; a batch when several) and return their inbox
-    rows after the dispatcher drained them on commit."""
-
-    def send(sender: Sender, *events: dict[str, Any]) -> list[InboxEvent]:
-        with django_capture_on_commit_callbacks(execute=True):
-            response = post_events(client, sender, list(events) if len(events) > 1 else events[0])
-        assert response.status_code == 202, response.content
-        return [InboxEvent.objects.get(institution=sender.institution, event_id=e["id"]) for e in events]
-
-    return send
 
 
 def outcome(row: InboxEvent) -> dict[str, Any]:

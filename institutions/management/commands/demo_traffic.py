@@ -33,7 +33,7 @@ from institutions.demo.client import Hub, Sender
 from institutions.demo.receiver import DemoReceiver
 from institutions.demo.stories import ACTIVITY, Settled, Storyteller, describe
 from institutions.management.commands.demo_setup import default_credentials_path, read_credentials
-from institutions.models import Institution
+from settlement.selectors import cycle_positions
 from settlement.services import cycle_run, instruction_webhook_data
 
 # --- What the demo institutions report --------------------------------------------------------------
@@ -262,13 +262,9 @@ class Command(BaseCommand):
         run = cycle_run(minimum_minor=minimum_minor)
         if run is None:
             return None
-        codes = dict(
-            Institution.objects.filter(pk__in=[p.institution_id for p in run.positions]).values_list("pk", "code")
-        )
+        codes = {p.institution_id: p.institution.code for p in cycle_positions(cycle=run.cycle)}
         return Settled(
             cycle_id=run.cycle.pk,
-            currency=run.cycle.currency,
-            minimum_minor=minimum_minor,
             instructions=[
                 {"institution": codes[i.institution_id], **instruction_webhook_data(i)} for i in run.instructions
             ],

@@ -1,22 +1,12 @@
 import json
-from datetime import datetime
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
-from django.utils.dateparse import parse_datetime
 
 from clearinghouse.errors import HubError
 from institutions.models import Institution
+from settlement.management.options import instant_option
 from settlement.services import reward_create
-
-
-def _moment(value: str | None, option: str) -> datetime | None:
-    if value is None:
-        return None
-    moment = parse_datetime(value)
-    if moment is None or moment.tzinfo is None:
-        raise CommandError(f"{option}: an ISO 8601 date and time with an offset, e.g. 2030-01-01T00:00:00+08:00.")
-    return moment
 
 
 class Command(BaseCommand):
@@ -47,8 +37,8 @@ class Command(BaseCommand):
                 points=options["points"],
                 stock=options["stock"],
                 per_person_limit=options["per_person_limit"],
-                active_from=_moment(options["active_from"], "--active-from"),
-                active_until=_moment(options["active_until"], "--active-until"),
+                active_from=instant_option(options["active_from"], "--active-from"),
+                active_until=instant_option(options["active_until"], "--active-until"),
             )
         except HubError as exc:
             raise CommandError(exc.message) from exc

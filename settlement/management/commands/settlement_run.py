@@ -1,9 +1,9 @@
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandError, CommandParser
-from django.utils.dateparse import parse_datetime
+from django.core.management.base import BaseCommand, CommandParser
 
-from institutions.models import Institution
+from settlement.management.options import instant_option
+from settlement.selectors import cycle_positions
 from settlement.services import cycle_run
 
 
@@ -25,27 +25,20 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
-        now = None
-        if options["now"]:
-            now = parse_datetime(options["now"])
-            if now is None or now.tzinfo is None:
-                raise CommandError("--now must be an ISO 8601 instant with an offset, e.g. 2030-03-01T16:00:00+08:00.")
-        run = cycle_run(now=now, minimum_minor=options["minimum_minor"])
+        run = cycle_run(now=instant_option(options["now"], "--now"), minimum_minor=options["minimum_minor"])
         if run is None:
             self.stdout.write("Nothing to settle.")
             return
         cycle = run.cycle
-        codes = dict(
-            Institution.objects.filter(pk__in=[p.institution_id for p in run.positions]).values_list("pk", "code")
-        )
-        width = max([11, *(len(code) for code in codes.values())])
+        positions = cycle_positions(cycle=cycle)
+        width = max([11, *(len(p.institution.code) for p in positions)])
         by_institution = {i.institution_id: i for i in run.instructions}
         self.stdout.write(f"Cycle {cycle.pk}, cut off {cycle.cut_off_at.isoformat()}, {cycle.currency} minor units:")
         header = (
             f"  {'institution':<{width}} {'gross in':>12} {'gross out':>12} {'net':>12} {'carried':>10}  instruction"
         )
         self.stdout.write(header)
-        for p in run.positions:
+        for p in positions:
             instruction = by_institution.get(p.institution_id)
             what = (
                 "-"
@@ -53,10 +46,10 @@ class Command(BaseCommand):
                 else f"{instruction.direction} {instruction.amount_minor} {instruction.instruction_id}"
             )
             self.stdout.write(
-                f"  {codes[p.institution_id]:<{width}} {p.gross_in:>12} {p.gross_out:>12} "
+                f"  {p.institution.code:<{width}} {p.gross_in:>12} {p.gross_out:>12} "
                 f"{p.net_minor:>+12} {p.carried_forward_minor:>+10}  {what}"
             )
-        hub = -sum(p.net_minor for p in run.positions)
+        hub = -sum(p.net_minor for p in positions)
         self.stdout.write(f"  {'hub':<{width}} {'':>12} {'':>12} {hub:>+12}")
         value_date = run.instructions[0].value_date.isoformat() if run.instructions else "-"
         self.stdout.write(
