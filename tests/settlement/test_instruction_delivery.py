@@ -117,7 +117,7 @@ def test_a_dead_instruction_webhook_fails_the_cycle_and_the_operator_resends_it(
 
 def test_a_dead_webhook_of_an_already_settled_cycle_still_fails_it_for_the_operator() -> None:
     """A cycle whose payers paid is settled, but a receiver that was never told still needs the operator."""
-    port = _free_port()
+    port = free_port()
     instructions = ring(3, f"http://127.0.0.1:{port}/hooks")
     cycle = Cycle.objects.get()
     Instruction.objects.filter(direction="pay").update(state="paid")
