@@ -20,10 +20,11 @@ CONTRACT.md section 3, DESIGN.md "Outbound delivery" and "Reliability model":
 * Retry schedule: immediately, 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 14 h, 20 h, 24 h (ten attempts),
   each delay with +-10 % jitter; a message that fails its tenth attempt is ``dead``.
 * SSRF guard: the host is resolved and every address must be public (not private, loopback,
-  link-local, multicast, reserved or unspecified) unless ``HUB_ALLOW_PRIVATE_ENDPOINTS``; the
-  connection then goes to the address that was checked (no second lookup to rebind). A refused
-  target is recorded as a *failed attempt* with a clear error and retried on the schedule, like any
-  unreachable endpoint: DNS and settings can be fixed, and the admin shows why it failed.
+  link-local, multicast, reserved or unspecified; an IPv6 address that carries an IPv4 one, mapped or
+  6to4, only if that one is public too) unless ``HUB_ALLOW_PRIVATE_ENDPOINTS``; the connection then
+  goes to the address that was checked (no second lookup to rebind). A refused target is recorded as
+  a *failed attempt* with a clear error and retried on the schedule, like any unreachable endpoint:
+  DNS and settings can be fixed, and the admin shows why it failed.
 
 Messages of an institution without an endpoint, or whose endpoint is disabled or paused, are not
 claimed: they stay due and go out once the endpoint is usable. Order between messages is not
@@ -181,8 +182,19 @@ class RefusedTarget(Exception):
 
 def _is_public(address: str) -> bool:
     ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return _is_public_ip(ip.ipv4_mapped)
+        # 6to4 (2002::/16) counts as global, yet its traffic goes to the IPv4 address it embeds
+        # (2002:7f00:1:: is 127.0.0.1): that address must be public too. Teredo (2001::/32) is not
+        # global in ipaddress's tables; its server and client addresses are checked all the same.
+        embedded = [ip.sixtofour, *(ip.teredo or ())]
+        if any(v4 is not None and not _is_public_ip(v4) for v4 in embedded):
+            return False
+    return _is_public_ip(ip)
+
+
+def _is_public_ip(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     return not (
         ip.is_private
         or ip.is_loopback

@@ -274,8 +274,19 @@ def test_loopback_endpoint_is_refused_without_the_setting(receiver: Receiver, se
         ("fe80::1", False),
         ("fc00::1", False),
         ("::ffff:127.0.0.1", False),
+        # IPv6 forms that carry an IPv4 address the traffic ends up at: 6to4 (2002::/16) is global
+        # itself, so its IPv4 is checked; Teredo (2001::/32, client address obfuscated) and NAT64's
+        # well-known prefix (64:ff9b::/96, inside the reserved ::/8) are refused whatever they carry.
+        ("2002:a9fe:a9fe::1", False),  # 169.254.169.254, the cloud metadata service
+        ("2002:7f00:1::1", False),  # 127.0.0.1
+        ("2002:a01:203::1", False),  # 10.1.2.3
+        ("2001:0:4136:e378:8000:63bf:80ff:fffe", False),  # Teredo, client 127.0.0.1
+        ("64:ff9b::a9fe:a9fe", False),  # 169.254.169.254
+        ("64:ff9b::7f00:1", False),  # 127.0.0.1
+        ("64:ff9b::5db8:d822", False),  # 93.184.216.34
         ("93.184.216.34", True),
         ("2606:4700:4700::1111", True),
+        ("2002:5db8:d822::1", True),  # 6to4 of a public address
     ],
 )
 def test_ssrf_guard_classifies_addresses(address: str, public: bool) -> None:
