@@ -137,7 +137,11 @@ def outbox_message(
 
 
 def outbox_deliver_after_commit() -> None:
-    """Wake the delivery worker once the surrounding transaction has committed a message."""
+    """Wake the delivery worker once the surrounding transaction has committed: a new message, or
+    an operator's change that makes messages due (a retry, a replay, a re-enabled endpoint).
+
+    The wake-up is coalesced per process (``deliveries_kick_soon``): it may trail the commit by up to
+    the coalescing interval (a fraction of a second); with in-process tasks it sends at once."""
     from institutions.tasks import deliveries_kick_soon
 
     transaction.on_commit(deliveries_kick_soon, robust=True)
@@ -569,9 +573,7 @@ def outbox_retry_now(*, ids: Iterable[int]) -> int:
         next_attempt_at=timezone.now()
     )
     if count:
-        from institutions.tasks import deliveries_kick
-
-        transaction.on_commit(deliveries_kick, robust=True)
+        outbox_deliver_after_commit()
     return count
 
 
@@ -582,9 +584,7 @@ def outbox_replay(*, ids: Iterable[int]) -> int:
         status=Status.PENDING, attempts=0, next_attempt_at=timezone.now(), last_error=""
     )
     if count:
-        from institutions.tasks import deliveries_kick
-
-        transaction.on_commit(deliveries_kick, robust=True)
+        outbox_deliver_after_commit()
     return count
 
 
@@ -594,7 +594,5 @@ def institution_endpoint_enable(*, institution: Institution) -> Institution:
     institution.endpoint_disabled_at = None
     institution.endpoint_paused_until = None
     institution.save(update_fields=["endpoint_disabled_at", "endpoint_paused_until"])
-    from institutions.tasks import deliveries_kick
-
-    transaction.on_commit(deliveries_kick, robust=True)
+    outbox_deliver_after_commit()
     return institution
