@@ -141,7 +141,7 @@ def outbox_deliver_after_commit() -> None:
     an operator's change that makes messages due (a retry, a replay, a re-enabled endpoint).
 
     The wake-up is coalesced per process (``deliveries_kick_soon``): it may trail the commit by up to
-    the coalescing interval (a fraction of a second); with in-process tasks it sends at once."""
+    ``HUB_DELIVERY_KICK_COALESCE_SECONDS``; with in-process tasks it sends at once."""
     from institutions.tasks import deliveries_kick_soon
 
     transaction.on_commit(deliveries_kick_soon, robust=True)
