@@ -93,6 +93,11 @@ def execute_prepared(sql: str, params: Sequence[Any]) -> Any:
     import psycopg
 
     db = connections[DEFAULT_DB_ALIAS]  # once: each access through ``connection`` looks it up again
+    # What Django's ``cursor()`` and ``execute()`` check first (``BaseDatabaseWrapper._cursor``,
+    # ``CursorWrapper._execute``): a kept connection that fails its health check (``CONN_HEALTH_CHECKS``)
+    # is replaced, and a statement inside an ``atomic`` block that must roll back is refused.
+    db.close_if_health_check_failed()
+    db.validate_no_broken_transaction()
     db.ensure_connection()
     cursor = psycopg.Cursor(db.connection)
     logged = db.queries_logged
