@@ -57,7 +57,7 @@ from django.db import connection, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
-from clearinghouse.db import array_literal, copy_rows, text_array_literal
+from clearinghouse.db import copy_rows, rows_update
 from institutions import crypto
 from institutions.models import Credential, DeliveryAttempt, Institution, OutboxMessage
 
@@ -516,39 +516,22 @@ def _record(
 def _results_save(messages: Sequence[OutboxMessage], attempts: Sequence[DeliveryAttempt]) -> None:
     """Every attempt and every message's new state, in two statements on PostgreSQL (COPY, and one
     ``UPDATE ... FROM unnest``); Django's ``bulk_update`` builds a CASE per row and field instead."""
-    fields = ["status", "next_attempt_at", "last_status_code", "last_error", "delivered_at"]
-    if connection.vendor != "postgresql":
-        DeliveryAttempt.objects.bulk_create(attempts, batch_size=1000)
-        OutboxMessage.objects.bulk_update(messages, fields, batch_size=500)
-        return
     copy_rows(
         DeliveryAttempt,
         ("message_id", "attempted_at", "status_code", "error", "duration_ms"),
         [(a.message_id, a.attempted_at, a.status_code, a.error, a.duration_ms) for a in attempts],
     )
-
-    def instants(values: Iterable[datetime | None]) -> str:
-        return text_array_literal([None if v is None else v.isoformat() for v in values])
-
-    with connection.cursor() as cursor:
-        cursor.execute(
-            f"""
-            UPDATE {OutboxMessage._meta.db_table} AS t
-               SET status = v.status, next_attempt_at = v.next_attempt_at, last_status_code = v.code,
-                   last_error = v.error, delivered_at = v.delivered_at
-              FROM unnest(%s::bigint[], %s::text[], %s::timestamptz[], %s::int[], %s::text[], %s::timestamptz[])
-                   AS v(id, status, next_attempt_at, code, error, delivered_at)
-             WHERE t.id = v.id
-            """,  # noqa: S608  (the table name is ours; values are bound)
-            [
-                array_literal([m.pk for m in messages]),
-                text_array_literal([m.status for m in messages]),
-                instants(m.next_attempt_at for m in messages),
-                array_literal([m.last_status_code for m in messages]),
-                text_array_literal([m.last_error for m in messages]),
-                instants(m.delivered_at for m in messages),
-            ],
-        )
+    rows_update(
+        OutboxMessage,
+        [m.pk for m in messages],
+        {
+            "status": ("text", [m.status for m in messages]),
+            "next_attempt_at": ("timestamptz", [m.next_attempt_at for m in messages]),
+            "last_status_code": ("int", [m.last_status_code for m in messages]),
+            "last_error": ("text", [m.last_error for m in messages]),
+            "delivered_at": ("timestamptz", [m.delivered_at for m in messages]),
+        },
+    )
 
 
 def deliveries_drain(*, limit: int = 500, budget_seconds: float = 60.0) -> dict[str, int]:
