@@ -7,6 +7,8 @@ CONTRACT.md section 3, DESIGN.md "Outbound delivery" and "Reliability model":
 * :func:`deliveries_send` claims due rows (``FOR UPDATE SKIP LOCKED`` on PostgreSQL), leases them by
   pushing ``next_attempt_at`` past the longest the batch can take and counts the attempt *before*
   sending, so a worker that dies mid-batch still uses up the attempt and a row cannot loop forever.
+  The count is also the claim's fence: a batch that outlives its lease (the message claimed again
+  meanwhile) stores its attempts but leaves the message's state to the later claim.
   The HTTP requests run in a thread pool (no database access there); the results are written back in
   one transaction, with one :class:`DeliveryAttempt` per try.
 * Signatures per Standard Webhooks: ``v1a`` with the hub's active Ed25519 key, plus ``v1`` with every
@@ -381,6 +383,13 @@ def deliveries_claim(*, limit: int) -> list[int]:
 
     Rows that already used every attempt (their worker died after the claim) are marked dead here.
     """
+    return list(_claim(limit=limit))
+
+
+def _claim(*, limit: int) -> dict[int, int]:
+    """:func:`deliveries_claim`, with each claimed message's attempt count after the claim: the claim's
+    fence. A later claim (this one's lease ran out) counts another attempt, and a worker whose count no
+    longer matches leaves the message to the worker that claimed it last (:func:`_results_save`)."""
     now = timezone.now()
     usable = (
         ~Q(institution__endpoint_url="")
@@ -405,7 +414,7 @@ def deliveries_claim(*, limit: int) -> list[int]:
             OutboxMessage.objects.filter(pk__in=claimed).update(
                 attempts=F("attempts") + 1, next_attempt_at=now + timedelta(seconds=_lease_seconds(len(claimed)))
             )
-    return claimed
+    return {pk: attempts + 1 for pk, attempts in candidates if attempts < MAX_ATTEMPTS}
 
 
 def _signers(institution_ids: Iterable[int]) -> tuple[Any, dict[int, list[bytes]]]:
@@ -435,10 +444,14 @@ def deliveries_send(*, limit: int = 500, rng: random.Random | None = None) -> di
 
     Returns how many ended delivered, failed (to retry) and dead.
     """
-    ids = deliveries_claim(limit=limit)
-    if not ids:
+    claimed = _claim(limit=limit)
+    if not claimed:
         return {}
-    messages = list(OutboxMessage.objects.filter(pk__in=ids).select_related("institution").order_by("id"))
+    messages = [
+        m
+        for m in OutboxMessage.objects.filter(pk__in=claimed).select_related("institution").order_by("id")
+        if m.attempts == claimed[m.pk]  # else claimed again already (a retry-now during the lease): not ours
+    ]
     institutions = {m.institution_id: m.institution for m in messages}
     private, secrets = _signers(institutions)
     allow_private = _allow_private()
@@ -500,7 +513,17 @@ def _record(
                 message.status = Status.FAILED
                 message.next_attempt_at = now + timedelta(seconds=max(delay, retry_after or 0))
         tally[message.status] += 1
-    _results_save(messages, attempts)
+    written = _results_save(messages, attempts)
+    overrun = [m for m in messages if m.pk not in written]
+    if overrun:
+        for message in overrun:
+            tally[message.status] -= 1
+        logger.warning(
+            "delivery: the lease of %d message(s) ran out before their results were written and another "
+            "worker claimed them again; their results are on record as attempts only: %s",
+            len(overrun),
+            ", ".join(m.message_id for m in overrun),
+        )
     if gone:
         Institution.objects.filter(pk__in=gone, endpoint_disabled_at__isnull=True).update(endpoint_disabled_at=now)
         logger.warning("delivery: endpoints of institutions %s answered 410 and are disabled", sorted(gone))
@@ -513,15 +536,20 @@ def _record(
     return tally
 
 
-def _results_save(messages: Sequence[OutboxMessage], attempts: Sequence[DeliveryAttempt]) -> None:
+def _results_save(messages: Sequence[OutboxMessage], attempts: Sequence[DeliveryAttempt]) -> set[int]:
     """Every attempt and every message's new state, in two statements on PostgreSQL (COPY, and one
-    ``UPDATE ... FROM unnest``); Django's ``bulk_update`` builds a CASE per row and field instead."""
+    ``UPDATE ... FROM unnest``); Django's ``bulk_update`` builds a CASE per row and field instead.
+
+    A message is written only while its attempt count is still the one this worker's claim left: if the
+    batch outlived its lease and another worker claimed the message again, that worker's result stands
+    (the request did go out, so its attempt is stored all the same). Returns the ids of the messages
+    written."""
     copy_rows(
         DeliveryAttempt,
         ("message_id", "attempted_at", "status_code", "error", "duration_ms"),
         [(a.message_id, a.attempted_at, a.status_code, a.error, a.duration_ms) for a in attempts],
     )
-    rows_update(
+    return rows_update(
         OutboxMessage,
         [m.pk for m in messages],
         {
@@ -531,6 +559,7 @@ def _results_save(messages: Sequence[OutboxMessage], attempts: Sequence[Delivery
             "last_error": ("text", [m.last_error for m in messages]),
             "delivered_at": ("timestamptz", [m.delivered_at for m in messages]),
         },
+        match={"attempts": ("int", [m.attempts for m in messages])},
     )
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from django.db import transaction
+from django.db.models import F
 from django.utils import timezone
 
 from institutions import crypto, outbox, services
@@ -386,6 +387,53 @@ def test_a_lost_worker_still_uses_up_the_attempt(receiver: Receiver) -> None:
     assert outbox.deliveries_claim(limit=10) == []
     message.refresh_from_db()
     assert message.status == "dead" and receiver.requests == []
+
+
+def test_a_worker_whose_lease_ran_out_leaves_the_message_to_the_worker_that_took_it_over(
+    receiver: Receiver, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Worker A's batch outlives its lease; worker B claims the message again, delivers it and records
+    that; A's late write-back (a 500) must not turn the delivered message back into a failed one."""
+    sender = _provider(receiver.url)
+    answers = iter([500, 200])  # A's request, then B's
+    receiver.respond = lambda h, b: (next(answers), {})
+    (message,) = _enqueue(sender)
+    record = outbox._record
+
+    def record_late(*args: Any, **kwargs: Any) -> dict[str, int]:
+        monkeypatch.setattr(outbox, "_record", record)  # B records as usual
+        _make_due()  # A's lease ran out while its batch was still running
+        assert outbox.deliveries_send(limit=10) == {"delivered": 1, "failed": 0, "dead": 0}  # B
+        return record(*args, **kwargs)  # A, late
+
+    monkeypatch.setattr(outbox, "_record", record_late)
+    with caplog.at_level("WARNING", logger="institutions.outbox"):
+        assert outbox.deliveries_send(limit=10) == {"delivered": 0, "failed": 0, "dead": 0}  # A
+    message.refresh_from_db()
+    assert message.status == "delivered" and message.last_status_code == 200 and message.attempts == 2
+    assert "lease" in caplog.text and message.message_id in caplog.text
+    # Both requests went out and both are on record, one per counted attempt.
+    codes = DeliveryAttempt.objects.filter(message=message).order_by("id").values_list("status_code", flat=True)
+    assert list(codes) == [200, 500]  # B's recorded first
+
+
+def test_a_message_claimed_again_before_its_worker_loaded_it_is_not_sent_twice(
+    receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sender = _provider(receiver.url)
+    (message,) = _enqueue(sender)
+    claim = outbox._claim
+
+    def claimed_again_meanwhile(*, limit: int) -> dict[int, int]:
+        claimed = claim(limit=limit)
+        OutboxMessage.objects.filter(pk__in=claimed).update(attempts=F("attempts") + 1)  # another worker's claim
+        return claimed
+
+    monkeypatch.setattr(outbox, "_claim", claimed_again_meanwhile)
+    assert outbox.deliveries_send(limit=10) == {"delivered": 0, "failed": 0, "dead": 0}
+    assert receiver.requests == []
+    message.refresh_from_db()
+    assert message.status == "pending" and message.attempts == 2  # left to the other worker
 
 
 def test_admin_lists_and_acts(receiver: Receiver, admin_client: Any) -> None:
