@@ -73,6 +73,9 @@ RETRY_SCHEDULE = (0, 5, 5 * 60, 30 * 60, 2 * HOUR, 5 * HOUR, 10 * HOUR, 14 * HOU
 MAX_ATTEMPTS = len(RETRY_SCHEDULE)
 JITTER = 0.10
 TIMEOUT_SECONDS = 15.0
+# What a batch's lease allows for resolving one round of endpoint names (``getaddrinfo`` has no timeout
+# of its own; glibc's resolver gives up after two tries of 5 s at one nameserver).
+RESOLVE_SECONDS = 10.0
 SLOW_DOWN_STATUSES = frozenset({429, 502, 504})
 SLOW_DOWN_SECONDS = 5
 MAX_RETRY_AFTER_SECONDS = 24 * 3600
@@ -372,10 +375,11 @@ def _pool() -> ThreadPoolExecutor:
 # --- Claim, send, record ----------------------------------------------------------------------------
 
 
-def _lease_seconds(limit: int) -> float:
-    """Longest a batch of ``limit`` can take (every request timing out), plus a margin."""
-    rounds = -(-limit // max(1, _concurrency()))
-    return rounds * (TIMEOUT_SECONDS + 1) + 30
+def _lease_seconds(limit: int, endpoints: int) -> float:
+    """Longest a batch of ``limit`` messages to ``endpoints`` institutions can take (every name slow to
+    resolve, every request timing out), plus a margin."""
+    concurrency = max(1, _concurrency())
+    return -(-endpoints // concurrency) * RESOLVE_SECONDS + -(-limit // concurrency) * (TIMEOUT_SECONDS + 1) + 30
 
 
 def deliveries_claim(*, limit: int) -> list[int]:
@@ -403,18 +407,20 @@ def _claim(*, limit: int) -> dict[int, int]:
             query = query.select_for_update(skip_locked=True, of=("self",))
         else:
             query = query.select_for_update()
-        candidates = list(query.order_by("next_attempt_at").values_list("id", "attempts")[:limit])
-        exhausted = [pk for pk, attempts in candidates if attempts >= MAX_ATTEMPTS]
-        claimed = [pk for pk, attempts in candidates if attempts < MAX_ATTEMPTS]
+        candidates = list(query.order_by("next_attempt_at").values_list("id", "attempts", "institution_id")[:limit])
+        exhausted = [pk for pk, attempts, _ in candidates if attempts >= MAX_ATTEMPTS]
+        claimed = {pk: attempts + 1 for pk, attempts, _ in candidates if attempts < MAX_ATTEMPTS}
         if exhausted:
             OutboxMessage.objects.filter(pk__in=exhausted).update(
                 status=Status.DEAD, last_error="worker lost during the last attempt"
             )
         if claimed:
-            OutboxMessage.objects.filter(pk__in=claimed).update(
-                attempts=F("attempts") + 1, next_attempt_at=now + timedelta(seconds=_lease_seconds(len(claimed)))
+            endpoints = len({institution for pk, _, institution in candidates if pk in claimed})
+            OutboxMessage.objects.filter(pk__in=list(claimed)).update(
+                attempts=F("attempts") + 1,
+                next_attempt_at=now + timedelta(seconds=_lease_seconds(len(claimed), endpoints)),
             )
-    return {pk: attempts + 1 for pk, attempts in candidates if attempts < MAX_ATTEMPTS}
+    return claimed
 
 
 def _signers(institution_ids: Iterable[int]) -> tuple[Any, dict[int, list[bytes]]]:
@@ -455,7 +461,10 @@ def deliveries_send(*, limit: int = 500, rng: random.Random | None = None) -> di
     institutions = {m.institution_id: m.institution for m in messages}
     private, secrets = _signers(institutions)
     allow_private = _allow_private()
-    targets = {pk: _target(inst.endpoint_url, allow_private) for pk, inst in institutions.items()}
+    # Every endpoint's name resolved at once, in the pool (the lease allows for it).
+    endpoints = list(institutions.items())
+    resolved = _pool().map(lambda item: _target(item[1].endpoint_url, allow_private), endpoints)
+    targets = {pk: target for (pk, _), target in zip(endpoints, resolved, strict=True)}
 
     def send(message: OutboxMessage) -> Result:
         body = message.body.encode()

@@ -9,6 +9,7 @@ import json
 import random
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -434,6 +435,31 @@ def test_a_message_claimed_again_before_its_worker_loaded_it_is_not_sent_twice(
     assert receiver.requests == []
     message.refresh_from_db()
     assert message.status == "pending" and message.attempts == 2  # left to the other worker
+
+
+def test_the_lease_allows_for_resolving_the_endpoints_names(receiver: Receiver) -> None:
+    sender = _provider(receiver.url)
+    (message,) = _enqueue(sender)
+    claimed_at = timezone.now()
+    assert outbox.deliveries_claim(limit=10) == [message.pk]
+    message.refresh_from_db()
+    lease = (message.next_attempt_at - claimed_at).total_seconds()
+    assert lease >= outbox.RESOLVE_SECONDS + outbox.TIMEOUT_SECONDS  # a slow name, then a request timing out
+
+
+def test_a_batchs_endpoints_are_resolved_at_once(receiver: Receiver, monkeypatch: pytest.MonkeyPatch) -> None:
+    resolve = outbox.resolve_endpoint
+
+    def slow(host: str, port: int, *, allow_private: bool) -> str:
+        time.sleep(0.3)
+        return resolve(host, port, allow_private=allow_private)
+
+    monkeypatch.setattr(outbox, "resolve_endpoint", slow)
+    for code in ("shop-a", "shop-b", "shop-c", "shop-d"):
+        _enqueue(_provider(receiver.url, code))
+    started = time.monotonic()
+    assert outbox.deliveries_send(limit=10) == {"delivered": 4, "failed": 0, "dead": 0}
+    assert time.monotonic() - started < 0.9  # not 4 x 0.3 s one after the other
 
 
 def test_admin_lists_and_acts(receiver: Receiver, admin_client: Any) -> None:
