@@ -56,7 +56,7 @@ from urllib.parse import urlsplit
 from django.conf import settings
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import connection, transaction
-from django.db.models import F, Q
+from django.db.models import Case, DateTimeField, F, Q, Value, When
 from django.utils import timezone
 
 from clearinghouse.db import copy_rows, rows_update
@@ -536,10 +536,11 @@ def _record(
     if gone:
         Institution.objects.filter(pk__in=gone, endpoint_disabled_at__isnull=True).update(endpoint_disabled_at=now)
         logger.warning("delivery: endpoints of institutions %s answered 410 and are disabled", sorted(gone))
-    for institution_id, until in pauses.items():
-        Institution.objects.filter(pk=institution_id).filter(
-            Q(endpoint_paused_until__isnull=True) | Q(endpoint_paused_until__lt=until)
-        ).update(endpoint_paused_until=until)
+    if pauses:  # each institution's own pause, in one statement; a longer pause already set stays
+        pause = Case(*(When(pk=pk, then=Value(u)) for pk, u in pauses.items()), output_field=DateTimeField())
+        Institution.objects.filter(pk__in=list(pauses)).filter(
+            Q(endpoint_paused_until__isnull=True) | Q(endpoint_paused_until__lt=pause)
+        ).update(endpoint_paused_until=pause)
     if tally["dead"]:
         logger.error("delivery: %d message(s) are dead", tally["dead"])
     return tally

@@ -16,8 +16,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import F
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from institutions import crypto, outbox, services
@@ -323,6 +324,25 @@ def test_502_without_retry_after_slows_down_briefly(receiver: Receiver) -> None:
     assert sender.institution.endpoint_paused_until is not None
     paused = (sender.institution.endpoint_paused_until - before).total_seconds()
     assert 0 < paused <= outbox.SLOW_DOWN_SECONDS + 1
+
+
+def test_each_paused_endpoint_gets_its_own_pause_and_a_longer_one_stays(receiver: Receiver) -> None:
+    a, b, c = (_provider(receiver.url, code).institution for code in ("shop-a", "shop-b", "shop-c"))
+    for institution in (a, b, c):
+        outbox.outbox_enqueue(institution=institution, type="carbon.redemption.requested", data={})
+    messages = list(OutboxMessage.objects.filter(pk__in=outbox._claim(limit=10)).order_by("id"))
+    longer = timezone.now() + timedelta(hours=1)
+    Institution.objects.filter(pk=c.pk).update(endpoint_paused_until=longer)  # paused meanwhile, for longer
+    waits = {a.pk: "600", b.pk: "60", c.pk: "60"}
+    results = [outbox.Result(429, "HTTP 429", 1, waits[m.institution_id]) for m in messages]
+    now = timezone.now()
+    with CaptureQueriesContext(connection) as queries:
+        assert outbox._record(messages, results, now, rng=None) == {"delivered": 0, "failed": 3, "dead": 0}
+    assert sum(q["sql"].startswith(f'UPDATE "{Institution._meta.db_table}"') for q in queries) == 1
+    paused = dict(Institution.objects.filter(pk__in=waits).values_list("pk", "endpoint_paused_until"))
+    seconds = {pk: (until - now).total_seconds() for pk, until in paused.items() if until is not None}
+    assert 599 <= seconds[a.pk] <= 601 and 59 <= seconds[b.pk] <= 61
+    assert paused[c.pk] == longer
 
 
 def test_retry_after_parsing() -> None:
