@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import date
 from decimal import Decimal
 from functools import cache
@@ -29,6 +30,74 @@ def copy_rows(model: type[models.Model], columns: Sequence[str], rows: Sequence[
     model._default_manager.bulk_create(  # type: ignore[attr-defined]
         [model(**{fields[c]: v for c, v in zip(columns, row, strict=True)}) for row in rows]
     )
+
+
+# How :func:`rows_update` binds a column's values on PostgreSQL, by the SQL type the caller names.
+_NUMBER_TYPES = frozenset({"bigint", "int", "integer", "smallint", "numeric", "date"})
+
+
+def rows_update(
+    model: type[models.Model],
+    pks: Sequence[int],
+    values: Mapping[str, tuple[str, Sequence[Any]]],
+    *,
+    same: Mapping[str, Any] | None = None,
+    match: Mapping[str, tuple[str, Sequence[Any]]] | None = None,
+) -> set[int]:
+    """Give each row its own new values in one statement: row ``pks[i]`` gets ``values[column][1][i]``
+    in every ``column`` (and every row the value of each ``same`` column), provided each ``match``
+    column still holds ``match[column][1][i]``: a row that no longer does is left alone. Returns the
+    primary keys of the rows written.
+
+    Columns are database column names, each with its SQL type on PostgreSQL (``"text"``,
+    ``"timestamptz"``, ``"jsonb"``, ``"bigint"``, ``"int"``, ...) and Python values as the model holds
+    them (datetimes, dicts for ``jsonb``, ``None`` for NULL). PostgreSQL runs one
+    ``UPDATE ... FROM unnest(...)`` (Django's ``bulk_update`` builds a CASE per row and column instead,
+    which costs more than the hot paths' own work at a thousand rows); elsewhere one UPDATE per row.
+    """
+    if not pks:
+        return set()
+    same, match = same or {}, match or {}
+    if connection.vendor != "postgresql":
+        attnames = {f.column: f.attname for f in model._meta.concrete_fields}
+        manager = model._default_manager
+        constant = {attnames[c]: v for c, v in same.items()}
+        written = set()
+        for i, pk in enumerate(pks):
+            current = {attnames[c]: v[i] for c, (_, v) in match.items()}
+            new = {attnames[c]: v[i] for c, (_, v) in values.items()}
+            if manager.filter(pk=pk, **current).update(**new, **constant):
+                written.add(pk)
+        return written
+    quote = connection.ops.quote_name
+    columns = [*values.items(), *match.items()]
+    arrays = ", ".join(f"%s::{sql_type}[]" for _, (sql_type, _) in columns)
+    names = ", ".join(f"v{i}" for i in range(len(columns)))
+    assignments = ", ".join(
+        [*(f"{quote(c)} = v.v{i}" for i, c in enumerate(values)), *(f"{quote(c)} = %s" for c in same)]
+    )
+    conditions = "".join(f" AND t.{quote(c)} = v.v{len(values) + i}" for i, c in enumerate(match))
+    key = quote(str(model._meta.pk.column))  # type: ignore[union-attr]
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"UPDATE {quote(model._meta.db_table)} AS t SET {assignments}"  # noqa: S608  (names are the model's)
+            f" FROM unnest(%s::bigint[], {arrays}) AS v(pk, {names})"
+            f" WHERE t.{key} = v.pk{conditions} RETURNING t.{key}",
+            [*same.values(), array_literal(pks), *(_array_param(sql_type, v) for _, (sql_type, v) in columns)],
+        )
+        return {row[0] for row in cursor.fetchall()}
+
+
+def _array_param(sql_type: str, values: Sequence[Any]) -> str:
+    if sql_type in _NUMBER_TYPES:
+        return array_literal(values)
+    if sql_type == "timestamptz":
+        return text_array_literal([None if v is None else v.isoformat() for v in values])
+    if sql_type == "jsonb":
+        return text_array_literal([None if v is None else json.dumps(v) for v in values])
+    if sql_type == "text":
+        return text_array_literal(values)
+    raise ValueError(f"rows_update: no array binding for SQL type {sql_type!r}")
 
 
 def array_literal(values: Iterable[int | date | Decimal | None]) -> str:
@@ -93,6 +162,11 @@ def execute_prepared(sql: str, params: Sequence[Any]) -> Any:
     import psycopg
 
     db = connections[DEFAULT_DB_ALIAS]  # once: each access through ``connection`` looks it up again
+    # What Django's ``cursor()`` and ``execute()`` check first (``BaseDatabaseWrapper._cursor``,
+    # ``CursorWrapper._execute``): a kept connection that fails its health check (``CONN_HEALTH_CHECKS``)
+    # is replaced, and a statement inside an ``atomic`` block that must roll back is refused.
+    db.close_if_health_check_failed()
+    db.validate_no_broken_transaction()
     db.ensure_connection()
     cursor = psycopg.Cursor(db.connection)
     logged = db.queries_logged

@@ -250,6 +250,9 @@ HUB_INTAKE_GROUP_COMMIT = env_flag("HUB_INTAKE_GROUP_COMMIT", default=True)
 # Intake requests of one web process wake the workers at most once per this many seconds (plus one
 # trailing wake-up), instead of one Redis round trip per request; 0 kicks after every commit.
 HUB_INBOX_KICK_COALESCE_SECONDS = float(os.environ.get("HUB_INBOX_KICK_COALESCE_SECONDS") or 0.1)
+# The same for the wake-ups of the delivery worker after a commit that enqueued webhooks (or made them
+# due again): at most once per this many seconds per process, plus one trailing; 0 after every commit.
+HUB_DELIVERY_KICK_COALESCE_SECONDS = float(os.environ.get("HUB_DELIVERY_KICK_COALESCE_SECONDS") or 0.1)
 # Django refuses bodies above this before our own check can answer 413 as problem+json.
 DATA_UPLOAD_MAX_MEMORY_SIZE = HUB_INTAKE_MAX_BYTES + 64 * 1024
 

@@ -17,7 +17,6 @@ Rows of a type no app handles yet are never claimed: they stay ``received``, vis
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -25,11 +24,11 @@ from datetime import timedelta
 from itertools import groupby
 
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
 
-from clearinghouse.db import array_literal, text_array_literal
+from clearinghouse.db import rows_update
 from institutions.handlers import Outcome, handled_types, handler_for
 from institutions.models import InboxEvent
 
@@ -108,34 +107,16 @@ def _process_run(event_type: str, ids: list[int]) -> Counter[str]:
 def _outcomes_save(events: Sequence[InboxEvent], outcomes: Sequence[Outcome]) -> None:
     """Write every row's new status in one statement (Django's bulk_update builds a CASE per row and
     field, which costs more than the normalization itself at a thousand rows)."""
-    now = timezone.now()
-    statuses = [Status.PROCESSED if o.status == "processed" else Status.QUARANTINED for o in outcomes]
-    if connection.vendor != "postgresql":
-        for event, outcome, status in zip(events, outcomes, statuses, strict=True):
-            event.status, event.outcome, event.last_error, event.processed_at = (
-                status,
-                outcome.detail,
-                outcome.reason,
-                now,
-            )
-        InboxEvent.objects.bulk_update(events, ["status", "outcome", "last_error", "processed_at"])
-        return
-    with connection.cursor() as cursor:
-        cursor.execute(
-            f"""
-            UPDATE {InboxEvent._meta.db_table} AS t
-               SET status = v.status, outcome = v.outcome::jsonb, last_error = v.last_error, processed_at = %s
-              FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::text[]) AS v(id, status, outcome, last_error)
-             WHERE t.id = v.id
-            """,  # noqa: S608  (the table name is ours; values are bound)
-            [
-                now,
-                array_literal([e.pk for e in events]),
-                text_array_literal(statuses),
-                text_array_literal([None if o.detail is None else json.dumps(o.detail) for o in outcomes]),
-                text_array_literal([o.reason for o in outcomes]),
-            ],
-        )
+    rows_update(
+        InboxEvent,
+        [e.pk for e in events],
+        {
+            "status": ("text", [Status.PROCESSED if o.status == "processed" else Status.QUARANTINED for o in outcomes]),
+            "outcome": ("jsonb", [o.detail for o in outcomes]),
+            "last_error": ("text", [o.reason for o in outcomes]),
+        },
+        same={"processed_at": timezone.now()},
+    )
 
 
 def _record_failure(pk: int, exc: Exception) -> str:

@@ -7,6 +7,8 @@ CONTRACT.md section 3, DESIGN.md "Outbound delivery" and "Reliability model":
 * :func:`deliveries_send` claims due rows (``FOR UPDATE SKIP LOCKED`` on PostgreSQL), leases them by
   pushing ``next_attempt_at`` past the longest the batch can take and counts the attempt *before*
   sending, so a worker that dies mid-batch still uses up the attempt and a row cannot loop forever.
+  The count is also the claim's fence: a batch that outlives its lease (the message claimed again
+  meanwhile) stores its attempts but leaves the message's state to the later claim.
   The HTTP requests run in a thread pool (no database access there); the results are written back in
   one transaction, with one :class:`DeliveryAttempt` per try.
 * Signatures per Standard Webhooks: ``v1a`` with the hub's active Ed25519 key, plus ``v1`` with every
@@ -20,10 +22,11 @@ CONTRACT.md section 3, DESIGN.md "Outbound delivery" and "Reliability model":
 * Retry schedule: immediately, 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 14 h, 20 h, 24 h (ten attempts),
   each delay with +-10 % jitter; a message that fails its tenth attempt is ``dead``.
 * SSRF guard: the host is resolved and every address must be public (not private, loopback,
-  link-local, multicast, reserved or unspecified) unless ``HUB_ALLOW_PRIVATE_ENDPOINTS``; the
-  connection then goes to the address that was checked (no second lookup to rebind). A refused
-  target is recorded as a *failed attempt* with a clear error and retried on the schedule, like any
-  unreachable endpoint: DNS and settings can be fixed, and the admin shows why it failed.
+  link-local, multicast, reserved or unspecified; an IPv6 address that carries an IPv4 one, mapped or
+  6to4, only if that one is public too) unless ``HUB_ALLOW_PRIVATE_ENDPOINTS``; the connection then
+  goes to the address that was checked (no second lookup to rebind). A refused target is recorded as
+  a *failed attempt* with a clear error and retried on the schedule, like any unreachable endpoint:
+  DNS and settings can be fixed, and the admin shows why it failed.
 
 Messages of an institution without an endpoint, or whose endpoint is disabled or paused, are not
 claimed: they stay due and go out once the endpoint is usable. Order between messages is not
@@ -53,10 +56,10 @@ from urllib.parse import urlsplit
 from django.conf import settings
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import connection, transaction
-from django.db.models import F, Q
+from django.db.models import Case, DateTimeField, F, Q, Value, When
 from django.utils import timezone
 
-from clearinghouse.db import array_literal, copy_rows, text_array_literal
+from clearinghouse.db import copy_rows, rows_update
 from institutions import crypto
 from institutions.models import Credential, DeliveryAttempt, Institution, OutboxMessage
 
@@ -70,6 +73,9 @@ RETRY_SCHEDULE = (0, 5, 5 * 60, 30 * 60, 2 * HOUR, 5 * HOUR, 10 * HOUR, 14 * HOU
 MAX_ATTEMPTS = len(RETRY_SCHEDULE)
 JITTER = 0.10
 TIMEOUT_SECONDS = 15.0
+# What a batch's lease allows for resolving one round of endpoint names (``getaddrinfo`` has no timeout
+# of its own; glibc's resolver gives up after two tries of 5 s at one nameserver).
+RESOLVE_SECONDS = 10.0
 SLOW_DOWN_STATUSES = frozenset({429, 502, 504})
 SLOW_DOWN_SECONDS = 5
 MAX_RETRY_AFTER_SECONDS = 24 * 3600
@@ -136,7 +142,11 @@ def outbox_message(
 
 
 def outbox_deliver_after_commit() -> None:
-    """Wake the delivery worker once the surrounding transaction has committed a message."""
+    """Wake the delivery worker once the surrounding transaction has committed: a new message, or
+    an operator's change that makes messages due (a retry, a replay, a re-enabled endpoint).
+
+    The wake-up is coalesced per process (``deliveries_kick_soon``): it may trail the commit by up to
+    ``HUB_DELIVERY_KICK_COALESCE_SECONDS``; with in-process tasks it sends at once."""
     from institutions.tasks import deliveries_kick_soon
 
     transaction.on_commit(deliveries_kick_soon, robust=True)
@@ -181,8 +191,19 @@ class RefusedTarget(Exception):
 
 def _is_public(address: str) -> bool:
     ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return _is_public_ip(ip.ipv4_mapped)
+        # 6to4 (2002::/16) counts as global, yet its traffic goes to the IPv4 address it embeds
+        # (2002:7f00:1:: is 127.0.0.1): that address must be public too. Teredo (2001::/32) is not
+        # global in ipaddress's tables; its server and client addresses are checked all the same.
+        embedded = [ip.sixtofour, *(ip.teredo or ())]
+        if any(v4 is not None and not _is_public_ip(v4) for v4 in embedded):
+            return False
+    return _is_public_ip(ip)
+
+
+def _is_public_ip(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     return not (
         ip.is_private
         or ip.is_loopback
@@ -354,10 +375,11 @@ def _pool() -> ThreadPoolExecutor:
 # --- Claim, send, record ----------------------------------------------------------------------------
 
 
-def _lease_seconds(limit: int) -> float:
-    """Longest a batch of ``limit`` can take (every request timing out), plus a margin."""
-    rounds = -(-limit // max(1, _concurrency()))
-    return rounds * (TIMEOUT_SECONDS + 1) + 30
+def _lease_seconds(limit: int, endpoints: int) -> float:
+    """Longest a batch of ``limit`` messages to ``endpoints`` institutions can take (every name slow to
+    resolve, every request timing out), plus a margin."""
+    concurrency = max(1, _concurrency())
+    return -(-endpoints // concurrency) * RESOLVE_SECONDS + -(-limit // concurrency) * (TIMEOUT_SECONDS + 1) + 30
 
 
 def deliveries_claim(*, limit: int) -> list[int]:
@@ -365,6 +387,13 @@ def deliveries_claim(*, limit: int) -> list[int]:
 
     Rows that already used every attempt (their worker died after the claim) are marked dead here.
     """
+    return list(_claim(limit=limit))
+
+
+def _claim(*, limit: int) -> dict[int, int]:
+    """:func:`deliveries_claim`, with each claimed message's attempt count after the claim: the claim's
+    fence. A later claim (this one's lease ran out) counts another attempt, and a worker whose count no
+    longer matches leaves the message to the worker that claimed it last (:func:`_results_save`)."""
     now = timezone.now()
     usable = (
         ~Q(institution__endpoint_url="")
@@ -378,16 +407,18 @@ def deliveries_claim(*, limit: int) -> list[int]:
             query = query.select_for_update(skip_locked=True, of=("self",))
         else:
             query = query.select_for_update()
-        candidates = list(query.order_by("next_attempt_at").values_list("id", "attempts")[:limit])
-        exhausted = [pk for pk, attempts in candidates if attempts >= MAX_ATTEMPTS]
-        claimed = [pk for pk, attempts in candidates if attempts < MAX_ATTEMPTS]
+        candidates = list(query.order_by("next_attempt_at").values_list("id", "attempts", "institution_id")[:limit])
+        exhausted = [pk for pk, attempts, _ in candidates if attempts >= MAX_ATTEMPTS]
+        claimed = {pk: attempts + 1 for pk, attempts, _ in candidates if attempts < MAX_ATTEMPTS}
         if exhausted:
             OutboxMessage.objects.filter(pk__in=exhausted).update(
                 status=Status.DEAD, last_error="worker lost during the last attempt"
             )
         if claimed:
-            OutboxMessage.objects.filter(pk__in=claimed).update(
-                attempts=F("attempts") + 1, next_attempt_at=now + timedelta(seconds=_lease_seconds(len(claimed)))
+            endpoints = len({institution for pk, _, institution in candidates if pk in claimed})
+            OutboxMessage.objects.filter(pk__in=list(claimed)).update(
+                attempts=F("attempts") + 1,
+                next_attempt_at=now + timedelta(seconds=_lease_seconds(len(claimed), endpoints)),
             )
     return claimed
 
@@ -419,14 +450,21 @@ def deliveries_send(*, limit: int = 500, rng: random.Random | None = None) -> di
 
     Returns how many ended delivered, failed (to retry) and dead.
     """
-    ids = deliveries_claim(limit=limit)
-    if not ids:
+    claimed = _claim(limit=limit)
+    if not claimed:
         return {}
-    messages = list(OutboxMessage.objects.filter(pk__in=ids).select_related("institution").order_by("id"))
+    messages = [
+        m
+        for m in OutboxMessage.objects.filter(pk__in=claimed).select_related("institution").order_by("id")
+        if m.attempts == claimed[m.pk]  # else claimed again already (a retry-now during the lease): not ours
+    ]
     institutions = {m.institution_id: m.institution for m in messages}
     private, secrets = _signers(institutions)
     allow_private = _allow_private()
-    targets = {pk: _target(inst.endpoint_url, allow_private) for pk, inst in institutions.items()}
+    # Every endpoint's name resolved at once, in the pool (the lease allows for it).
+    endpoints = list(institutions.items())
+    resolved = _pool().map(lambda item: _target(item[1].endpoint_url, allow_private), endpoints)
+    targets = {pk: target for (pk, _), target in zip(endpoints, resolved, strict=True)}
 
     def send(message: OutboxMessage) -> Result:
         body = message.body.encode()
@@ -484,55 +522,55 @@ def _record(
                 message.status = Status.FAILED
                 message.next_attempt_at = now + timedelta(seconds=max(delay, retry_after or 0))
         tally[message.status] += 1
-    _results_save(messages, attempts)
+    written = _results_save(messages, attempts)
+    overrun = [m for m in messages if m.pk not in written]
+    if overrun:
+        for message in overrun:
+            tally[message.status] -= 1
+        logger.warning(
+            "delivery: the lease of %d message(s) ran out before their results were written and another "
+            "worker claimed them again; their results are on record as attempts only: %s",
+            len(overrun),
+            ", ".join(m.message_id for m in overrun),
+        )
     if gone:
         Institution.objects.filter(pk__in=gone, endpoint_disabled_at__isnull=True).update(endpoint_disabled_at=now)
         logger.warning("delivery: endpoints of institutions %s answered 410 and are disabled", sorted(gone))
-    for institution_id, until in pauses.items():
-        Institution.objects.filter(pk=institution_id).filter(
-            Q(endpoint_paused_until__isnull=True) | Q(endpoint_paused_until__lt=until)
-        ).update(endpoint_paused_until=until)
+    if pauses:  # each institution's own pause, in one statement; a longer pause already set stays
+        pause = Case(*(When(pk=pk, then=Value(u)) for pk, u in pauses.items()), output_field=DateTimeField())
+        Institution.objects.filter(pk__in=list(pauses)).filter(
+            Q(endpoint_paused_until__isnull=True) | Q(endpoint_paused_until__lt=pause)
+        ).update(endpoint_paused_until=pause)
     if tally["dead"]:
         logger.error("delivery: %d message(s) are dead", tally["dead"])
     return tally
 
 
-def _results_save(messages: Sequence[OutboxMessage], attempts: Sequence[DeliveryAttempt]) -> None:
+def _results_save(messages: Sequence[OutboxMessage], attempts: Sequence[DeliveryAttempt]) -> set[int]:
     """Every attempt and every message's new state, in two statements on PostgreSQL (COPY, and one
-    ``UPDATE ... FROM unnest``); Django's ``bulk_update`` builds a CASE per row and field instead."""
-    fields = ["status", "next_attempt_at", "last_status_code", "last_error", "delivered_at"]
-    if connection.vendor != "postgresql":
-        DeliveryAttempt.objects.bulk_create(attempts, batch_size=1000)
-        OutboxMessage.objects.bulk_update(messages, fields, batch_size=500)
-        return
+    ``UPDATE ... FROM unnest``); Django's ``bulk_update`` builds a CASE per row and field instead.
+
+    A message is written only while its attempt count is still the one this worker's claim left: if the
+    batch outlived its lease and another worker claimed the message again, that worker's result stands
+    (the request did go out, so its attempt is stored all the same). Returns the ids of the messages
+    written."""
     copy_rows(
         DeliveryAttempt,
         ("message_id", "attempted_at", "status_code", "error", "duration_ms"),
         [(a.message_id, a.attempted_at, a.status_code, a.error, a.duration_ms) for a in attempts],
     )
-
-    def instants(values: Iterable[datetime | None]) -> str:
-        return text_array_literal([None if v is None else v.isoformat() for v in values])
-
-    with connection.cursor() as cursor:
-        cursor.execute(
-            f"""
-            UPDATE {OutboxMessage._meta.db_table} AS t
-               SET status = v.status, next_attempt_at = v.next_attempt_at, last_status_code = v.code,
-                   last_error = v.error, delivered_at = v.delivered_at
-              FROM unnest(%s::bigint[], %s::text[], %s::timestamptz[], %s::int[], %s::text[], %s::timestamptz[])
-                   AS v(id, status, next_attempt_at, code, error, delivered_at)
-             WHERE t.id = v.id
-            """,  # noqa: S608  (the table name is ours; values are bound)
-            [
-                array_literal([m.pk for m in messages]),
-                text_array_literal([m.status for m in messages]),
-                instants(m.next_attempt_at for m in messages),
-                array_literal([m.last_status_code for m in messages]),
-                text_array_literal([m.last_error for m in messages]),
-                instants(m.delivered_at for m in messages),
-            ],
-        )
+    return rows_update(
+        OutboxMessage,
+        [m.pk for m in messages],
+        {
+            "status": ("text", [m.status for m in messages]),
+            "next_attempt_at": ("timestamptz", [m.next_attempt_at for m in messages]),
+            "last_status_code": ("int", [m.last_status_code for m in messages]),
+            "last_error": ("text", [m.last_error for m in messages]),
+            "delivered_at": ("timestamptz", [m.delivered_at for m in messages]),
+        },
+        match={"attempts": ("int", [m.attempts for m in messages])},
+    )
 
 
 def deliveries_drain(*, limit: int = 500, budget_seconds: float = 60.0) -> dict[str, int]:
@@ -557,9 +595,7 @@ def outbox_retry_now(*, ids: Iterable[int]) -> int:
         next_attempt_at=timezone.now()
     )
     if count:
-        from institutions.tasks import deliveries_kick
-
-        transaction.on_commit(deliveries_kick, robust=True)
+        outbox_deliver_after_commit()
     return count
 
 
@@ -570,9 +606,7 @@ def outbox_replay(*, ids: Iterable[int]) -> int:
         status=Status.PENDING, attempts=0, next_attempt_at=timezone.now(), last_error=""
     )
     if count:
-        from institutions.tasks import deliveries_kick
-
-        transaction.on_commit(deliveries_kick, robust=True)
+        outbox_deliver_after_commit()
     return count
 
 
@@ -582,7 +616,5 @@ def institution_endpoint_enable(*, institution: Institution) -> Institution:
     institution.endpoint_disabled_at = None
     institution.endpoint_paused_until = None
     institution.save(update_fields=["endpoint_disabled_at", "endpoint_paused_until"])
-    from institutions.tasks import deliveries_kick
-
-    transaction.on_commit(deliveries_kick, robust=True)
+    outbox_deliver_after_commit()
     return institution

@@ -73,23 +73,25 @@ class KickCoalescer:
 
     Without coalescing every request pays a Redis round trip after its commit (the ``SET NX`` of the
     kick) although under load nearly all of them find a run already queued. Here the first commit of
-    an interval of ``HUB_INBOX_KICK_COALESCE_SECONDS`` kicks at once, in the request; later commits of
-    the interval schedule one trailing kick at its end (a timer thread) unless one is scheduled. The
-    guarantee of the kick is kept: every commit is followed by a kick that starts after it (a commit
-    that sees a trailing kick pending is covered by it, because the trailing kick clears the pending
-    flag under the lock before it kicks). A kick still pending when the process exits is sent by an
-    exit hook; if that is lost too, the beat task finds the rows later.
+    an interval (``interval()`` seconds, asked at each call so a setting can change; 0 kicks after
+    every commit) kicks at once, in the request; later commits of the interval schedule one trailing
+    kick at its end (a timer thread) unless one is scheduled. The guarantee of the kick is kept: every
+    commit is followed by a kick that starts after it (a commit that sees a trailing kick pending is
+    covered by it, because the trailing kick clears the pending flag under the lock before it kicks).
+    A kick still pending when the process exits is sent by an exit hook; if that is lost too, the beat
+    task finds the rows later.
     """
 
-    def __init__(self, kick: Callable[[], None]) -> None:
+    def __init__(self, kick: Callable[[], None], *, interval: Callable[[], float]) -> None:
         self._kick = kick
+        self._interval = interval
         self._lock = threading.Lock()
         self._last = float("-inf")
         self._trailing_pending = False
         atexit.register(self._trailing)
 
     def __call__(self) -> None:
-        interval = settings.HUB_INBOX_KICK_COALESCE_SECONDS
+        interval = self._interval()
         if settings.CELERY_TASK_ALWAYS_EAGER or interval <= 0:
             self._kick()
             return
@@ -115,8 +117,9 @@ class KickCoalescer:
         self._kick()
 
 
-# The intake's kick after its commit: :func:`inbox_kick`, coalesced (looked up at call time).
-inbox_kick_soon = KickCoalescer(lambda: inbox_kick())
+# The intake's kick after its commit: :func:`inbox_kick` (looked up at call time), coalesced over
+# ``HUB_INBOX_KICK_COALESCE_SECONDS``.
+inbox_kick_soon = KickCoalescer(lambda: inbox_kick(), interval=lambda: settings.HUB_INBOX_KICK_COALESCE_SECONDS)
 
 
 @shared_task(acks_late=True, ignore_result=True)
@@ -165,6 +168,8 @@ def deliveries_kick() -> None:
     _enqueue_once(deliveries_send_due, key=DELIVERY_KICK_KEY, ttl=DELIVERY_KICK_TTL_SECONDS, name="deliveries_kick")
 
 
-# After a commit that enqueued webhooks (a redemption hold, a settlement run): :func:`deliveries_kick`,
-# coalesced as the intake's kicks are.
-deliveries_kick_soon = KickCoalescer(lambda: deliveries_kick())
+# After a commit that enqueued webhooks (a redemption hold, a settlement run) or made them due again:
+# :func:`deliveries_kick`, coalesced as the intake's kicks are, over its own interval.
+deliveries_kick_soon = KickCoalescer(
+    lambda: deliveries_kick(), interval=lambda: settings.HUB_DELIVERY_KICK_COALESCE_SECONDS
+)

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
 import pytest
-from django.db import transaction
+from django.db import connection, transaction
+from django.db.models import F
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from institutions import crypto, outbox, services
@@ -216,8 +219,19 @@ def test_loopback_endpoint_is_refused_without_the_setting(receiver: Receiver, se
         ("fe80::1", False),
         ("fc00::1", False),
         ("::ffff:127.0.0.1", False),
+        # IPv6 forms that carry an IPv4 address the traffic ends up at: 6to4 (2002::/16) is global
+        # itself, so its IPv4 is checked; Teredo (2001::/32, client address obfuscated) and NAT64's
+        # well-known prefix (64:ff9b::/96, inside the reserved ::/8) are refused whatever they carry.
+        ("2002:a9fe:a9fe::1", False),  # 169.254.169.254, the cloud metadata service
+        ("2002:7f00:1::1", False),  # 127.0.0.1
+        ("2002:a01:203::1", False),  # 10.1.2.3
+        ("2001:0:4136:e378:8000:63bf:80ff:fffe", False),  # Teredo, client 127.0.0.1
+        ("64:ff9b::a9fe:a9fe", False),  # 169.254.169.254
+        ("64:ff9b::7f00:1", False),  # 127.0.0.1
+        ("64:ff9b::5db8:d822", False),  # 93.184.216.34
         ("93.184.216.34", True),
         ("2606:4700:4700::1111", True),
+        ("2002:5db8:d822::1", True),  # 6to4 of a public address
     ],
 )
 def test_ssrf_guard_classifies_addresses(address: str, public: bool) -> None:
@@ -252,6 +266,25 @@ def test_502_without_retry_after_slows_down_briefly(receiver: Receiver) -> None:
     assert sender.institution.endpoint_paused_until is not None
     paused = (sender.institution.endpoint_paused_until - before).total_seconds()
     assert 0 < paused <= outbox.SLOW_DOWN_SECONDS + 1
+
+
+def test_each_paused_endpoint_gets_its_own_pause_and_a_longer_one_stays(receiver: Receiver) -> None:
+    a, b, c = (_provider(receiver.url, code).institution for code in ("shop-a", "shop-b", "shop-c"))
+    for institution in (a, b, c):
+        outbox.outbox_enqueue(institution=institution, type="carbon.redemption.requested", data={})
+    messages = list(OutboxMessage.objects.filter(pk__in=outbox._claim(limit=10)).order_by("id"))
+    longer = timezone.now() + timedelta(hours=1)
+    Institution.objects.filter(pk=c.pk).update(endpoint_paused_until=longer)  # paused meanwhile, for longer
+    waits = {a.pk: "600", b.pk: "60", c.pk: "60"}
+    results = [outbox.Result(429, "HTTP 429", 1, waits[m.institution_id]) for m in messages]
+    now = timezone.now()
+    with CaptureQueriesContext(connection) as queries:
+        assert outbox._record(messages, results, now, rng=None) == {"delivered": 0, "failed": 3, "dead": 0}
+    assert sum(q["sql"].startswith(f'UPDATE "{Institution._meta.db_table}"') for q in queries) == 1
+    paused = dict(Institution.objects.filter(pk__in=waits).values_list("pk", "endpoint_paused_until"))
+    seconds = {pk: (until - now).total_seconds() for pk, until in paused.items() if until is not None}
+    assert 599 <= seconds[a.pk] <= 601 and 59 <= seconds[b.pk] <= 61
+    assert paused[c.pk] == longer
 
 
 def test_retry_after_parsing() -> None:
@@ -317,6 +350,78 @@ def test_a_lost_worker_still_uses_up_the_attempt(receiver: Receiver) -> None:
     assert outbox.deliveries_claim(limit=10) == []
     message.refresh_from_db()
     assert message.status == "dead" and receiver.requests == []
+
+
+def test_a_worker_whose_lease_ran_out_leaves_the_message_to_the_worker_that_took_it_over(
+    receiver: Receiver, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Worker A's batch outlives its lease; worker B claims the message again, delivers it and records
+    that; A's late write-back (a 500) must not turn the delivered message back into a failed one."""
+    sender = _provider(receiver.url)
+    answers = iter([500, 200])  # A's request, then B's
+    receiver.respond = lambda h, b: (next(answers), {})
+    (message,) = _enqueue(sender)
+    record = outbox._record
+
+    def record_late(*args: Any, **kwargs: Any) -> dict[str, int]:
+        monkeypatch.setattr(outbox, "_record", record)  # B records as usual
+        _make_due()  # A's lease ran out while its batch was still running
+        assert outbox.deliveries_send(limit=10) == {"delivered": 1, "failed": 0, "dead": 0}  # B
+        return record(*args, **kwargs)  # A, late
+
+    monkeypatch.setattr(outbox, "_record", record_late)
+    with caplog.at_level("WARNING", logger="institutions.outbox"):
+        assert outbox.deliveries_send(limit=10) == {"delivered": 0, "failed": 0, "dead": 0}  # A
+    message.refresh_from_db()
+    assert message.status == "delivered" and message.last_status_code == 200 and message.attempts == 2
+    assert "lease" in caplog.text and message.message_id in caplog.text
+    # Both requests went out and both are on record, one per counted attempt.
+    codes = DeliveryAttempt.objects.filter(message=message).order_by("id").values_list("status_code", flat=True)
+    assert list(codes) == [200, 500]  # B's recorded first
+
+
+def test_a_message_claimed_again_before_its_worker_loaded_it_is_not_sent_twice(
+    receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sender = _provider(receiver.url)
+    (message,) = _enqueue(sender)
+    claim = outbox._claim
+
+    def claimed_again_meanwhile(*, limit: int) -> dict[int, int]:
+        claimed = claim(limit=limit)
+        OutboxMessage.objects.filter(pk__in=claimed).update(attempts=F("attempts") + 1)  # another worker's claim
+        return claimed
+
+    monkeypatch.setattr(outbox, "_claim", claimed_again_meanwhile)
+    assert outbox.deliveries_send(limit=10) == {"delivered": 0, "failed": 0, "dead": 0}
+    assert receiver.requests == []
+    message.refresh_from_db()
+    assert message.status == "pending" and message.attempts == 2  # left to the other worker
+
+
+def test_the_lease_allows_for_resolving_the_endpoints_names(receiver: Receiver) -> None:
+    sender = _provider(receiver.url)
+    (message,) = _enqueue(sender)
+    claimed_at = timezone.now()
+    assert outbox.deliveries_claim(limit=10) == [message.pk]
+    message.refresh_from_db()
+    lease = (message.next_attempt_at - claimed_at).total_seconds()
+    assert lease >= outbox.RESOLVE_SECONDS + outbox.TIMEOUT_SECONDS  # a slow name, then a request timing out
+
+
+def test_a_batchs_endpoints_are_resolved_at_once(receiver: Receiver, monkeypatch: pytest.MonkeyPatch) -> None:
+    resolve = outbox.resolve_endpoint
+
+    def slow(host: str, port: int, *, allow_private: bool) -> str:
+        time.sleep(0.3)
+        return resolve(host, port, allow_private=allow_private)
+
+    monkeypatch.setattr(outbox, "resolve_endpoint", slow)
+    for code in ("shop-a", "shop-b", "shop-c", "shop-d"):
+        _enqueue(_provider(receiver.url, code))
+    started = time.monotonic()
+    assert outbox.deliveries_send(limit=10) == {"delivered": 4, "failed": 0, "dead": 0}
+    assert time.monotonic() - started < 0.9  # not 4 x 0.3 s one after the other
 
 
 def test_admin_lists_and_acts(receiver: Receiver, admin_client: Any) -> None:

@@ -125,9 +125,11 @@ def test_small_limits_are_counted_one_request_at_a_time(bank, frozen_window):
 
 
 class Kicks(list):
-    """The kicks a coalescer let through (their times), and the coalescer itself as ``soon``."""
+    """The kicks a coalescer let through (their times), the coalescer itself as ``soon``, and the
+    interval it coalesces over."""
 
     soon: tasks.KickCoalescer
+    interval: float = 0.2
 
 
 @pytest.fixture
@@ -141,8 +143,8 @@ def kicks() -> Iterator[Kicks]:
         with lock:
             calls.append(time.monotonic())
 
-    calls.soon = tasks.KickCoalescer(record)
-    with override_settings(CELERY_TASK_ALWAYS_EAGER=False, HUB_INBOX_KICK_COALESCE_SECONDS=0.2):
+    calls.soon = tasks.KickCoalescer(record, interval=lambda: calls.interval)
+    with override_settings(CELERY_TASK_ALWAYS_EAGER=False):
         yield calls
 
 
@@ -176,10 +178,29 @@ def test_a_commit_after_the_trailing_kick_started_gets_a_kick_of_its_own(kicks):
 
 
 def test_without_coalescing_every_commit_kicks(kicks):
-    with override_settings(HUB_INBOX_KICK_COALESCE_SECONDS=0):
-        for _ in range(5):
-            kicks.soon()
+    kicks.interval = 0
+    for _ in range(5):
+        kicks.soon()
     assert len(kicks) == 5
+
+
+INBOX_INTERVAL, DELIVERY_INTERVAL = "HUB_INBOX_KICK_COALESCE_SECONDS", "HUB_DELIVERY_KICK_COALESCE_SECONDS"
+
+
+@pytest.mark.parametrize(
+    ("soon", "kick", "own", "other"),
+    [
+        ("inbox_kick_soon", "inbox_kick", INBOX_INTERVAL, DELIVERY_INTERVAL),
+        ("deliveries_kick_soon", "deliveries_kick", DELIVERY_INTERVAL, INBOX_INTERVAL),
+    ],
+)
+def test_the_intake_and_the_deliveries_coalesce_on_their_own_intervals(monkeypatch, soon, kick, own, other):
+    sent: list[float] = []
+    monkeypatch.setattr(tasks, kick, lambda: sent.append(time.monotonic()))
+    with override_settings(CELERY_TASK_ALWAYS_EAGER=False, **{own: 0, other: 0.2}):
+        for _ in range(5):
+            getattr(tasks, soon)()
+    assert len(sent) == 5  # the other kick's interval does not coalesce these
 
 
 @pytest.mark.django_db
@@ -187,9 +208,12 @@ def test_webhooks_enqueued_in_a_burst_share_their_delivery_kicks(monkeypatch, dj
     """``outbox_enqueue`` kicks the delivery worker through its coalescer after each commit."""
     sent: list[float] = []
     monkeypatch.setattr(tasks, "deliveries_kick", lambda: sent.append(time.monotonic()))
-    monkeypatch.setattr(tasks, "deliveries_kick_soon", tasks.KickCoalescer(lambda: tasks.deliveries_kick()))
+    coalescer = tasks.KickCoalescer(
+        lambda: tasks.deliveries_kick(), interval=lambda: settings.HUB_DELIVERY_KICK_COALESCE_SECONDS
+    )
+    monkeypatch.setattr(tasks, "deliveries_kick_soon", coalescer)
     bank = make_sender("bank-a")
-    with override_settings(CELERY_TASK_ALWAYS_EAGER=False, HUB_INBOX_KICK_COALESCE_SECONDS=0.2):
+    with override_settings(CELERY_TASK_ALWAYS_EAGER=False, HUB_DELIVERY_KICK_COALESCE_SECONDS=0.2):
         for n in range(20):
             with django_capture_on_commit_callbacks(execute=True):
                 outbox.outbox_enqueue(institution=bank.institution, type="carbon.redemption.requested", data={"n": n})
