@@ -59,12 +59,11 @@ from bench.intake import (  # noqa: E402 (after the path is set)
     CpuMeter,
     _proc_ticks,
     bench_env,
-    drop_database,
     flush_redis,
     recreate_database,
     register_institution,
+    scratch_cleanup,
     start_server,
-    stop_server,
 )
 
 ACTIONS = (
@@ -233,7 +232,7 @@ def main() -> None:
 
     django.setup()
     from django.contrib.auth import get_user_model
-    from django.db import connection, connections
+    from django.db import connection
 
     from institutions import crypto
     from institutions.models import Institution as InstitutionModel
@@ -355,14 +354,7 @@ def main() -> None:
             except subprocess.TimeoutExpired:
                 worker.kill()
                 worker.wait()
-        if server is not None:
-            stop_server(server)
-        try:
-            flush_redis(args.redis_url)
-        finally:
-            connections.close_all()
-            if not args.keep_db:
-                drop_database(args.pg_admin_url, args.db_name)
+        scratch_cleanup(args, server, work_dir)
     report(args, results, kinds)
 
 

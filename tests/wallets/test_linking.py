@@ -1,15 +1,15 @@
 """Linking and unlinking accounts through the real signed intake and dispatcher."""
 
-import threading
 from datetime import timedelta
+from typing import Any
 
 import pytest
-from django.db import connection
 from django.utils import timezone
 
 from institutions import crypto
 from institutions.inbox import inbox_drain
 from institutions.models import InboxEvent
+from tests.conftest import run_together
 from tests.wallets.conftest import auth, link_event, make_person, new_code, outcome, unlink_event
 from wallets.models import LinkAttempt, LinkCode, Membership
 from wallets.services import account_link, link_code_create
@@ -259,26 +259,9 @@ def test_link_then_unlink_in_one_batch_apply_in_order(client, bank, deliver):
     assert not Membership.objects.filter(unlinked_at__isnull=True).exists()
 
 
-def _concurrently(count: int, work):  # type: ignore[no-untyped-def]
-    """Run ``work(i)`` in ``count`` threads released at once; each thread closes its own connection."""
-    barrier = threading.Barrier(count)
-    results: list = []
-    errors: list = []
-
-    def run(index: int) -> None:
-        try:
-            barrier.wait()
-            results.append(work(index))
-        except Exception as exc:  # surfaced by the assertion below
-            errors.append(exc)
-        finally:
-            connection.close()
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+def _concurrently(count: int, work: Any) -> list[Any]:
+    """``work(i)`` in ``count`` threads released at once; fails on any thread's error."""
+    results, errors = run_together(count, work)
     assert not errors, errors
     return results
 
