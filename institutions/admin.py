@@ -524,6 +524,9 @@ class OutboxMessageAdmin(ReadOnlyAdmin):
             text = json.dumps(json.loads(message.body), indent=2, ensure_ascii=False)
         except ValueError:
             text = message.body
+        if message.subject_sealed:
+            # The person's subject id is not shown: it stays sealed until the message is sent.
+            text += "\n\n(data.subject is sealed here; it is unsealed into the event when sent)"
         return format_html("<pre>{}</pre>", text)
 
     @admin.action(description="Retry now (pending or failed messages become due)", permissions=["resend"])

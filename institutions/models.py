@@ -176,8 +176,11 @@ class InboxEvent(models.Model):
 class OutboxMessage(models.Model):
     """A webhook the hub owes an institution, written in the transaction of the change that causes it.
 
-    ``body`` is the CloudEvent exactly as sent, built once at enqueue time; ``message_id`` is both the
-    CloudEvent id and the ``webhook-id`` of every attempt, so the receiver can drop duplicates.
+    ``body`` is the CloudEvent as sent, built once at enqueue time, except for a person's subject id at
+    the institution: that stays sealed in ``subject_sealed`` and is unsealed into ``data.subject`` (null
+    in ``body``) only when the message is sent (``institutions.outbox.outbox_body``), so no subject id
+    rests in the outbox in the clear. ``message_id`` is both the CloudEvent id and the ``webhook-id``
+    of every attempt, so the receiver can drop duplicates.
     ``pending`` rows were never tried, ``failed`` ones wait for their next try; both are claimed once
     ``next_attempt_at`` has passed (a claimed row is leased by pushing that moment forward).
     """
@@ -192,6 +195,9 @@ class OutboxMessage(models.Model):
     message_id = models.CharField(max_length=64, unique=True)
     type = models.CharField(max_length=64)
     body = models.TextField()
+    subject_sealed = models.TextField(
+        blank=True, default="", help_text="The person's subject id at the institution, sealed; sent as data.subject."
+    )
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
     attempts = models.PositiveIntegerField(default=0)
     next_attempt_at = models.DateTimeField(default=timezone.now)

@@ -100,45 +100,79 @@ def _allow_private() -> bool:
 
 
 def outbox_enqueue(
-    *, institution: Institution, type: str, data: dict[str, Any], subject: str | None = None
+    *,
+    institution: Institution,
+    type: str,
+    data: dict[str, Any],
+    subject: str | None = None,
+    subject_sealed: str = "",
 ) -> OutboxMessage:
     """Store a webhook for ``institution``; call it inside the transaction that makes the change.
 
-    The CloudEvent is built here, once: its ``id`` is the ``webhook-id`` of every attempt.
-    Delivery starts after the surrounding transaction commits (and never if it rolls back).
+    The CloudEvent is built here, once: its ``id`` is the ``webhook-id`` of every attempt (see
+    :func:`outbox_message` for ``subject_sealed``). Delivery starts after the surrounding transaction
+    commits (and never if it rolls back).
     """
-    message = outbox_message(institution_id=institution.pk, type=type, data=data, subject=subject)
+    message = outbox_message(
+        institution_id=institution.pk, type=type, data=data, subject=subject, subject_sealed=subject_sealed
+    )
     message.save(force_insert=True)
     outbox_deliver_after_commit()
     return message
 
 
 def outbox_message(
-    *, institution_id: int, type: str, data: dict[str, Any], subject: str | None = None
+    *, institution_id: int, type: str, data: dict[str, Any], subject: str | None = None, subject_sealed: str = ""
 ) -> OutboxMessage:
     """The webhook as :func:`outbox_enqueue` stores it, not yet saved: for a hot path that inserts it
-    together with its own rows in one statement, and then calls :func:`outbox_deliver_after_commit`."""
-    message_id = f"msg_{uuid.uuid4().hex}"
+    together with its own rows in one statement, and then calls :func:`outbox_deliver_after_commit`.
+
+    ``subject_sealed``: a person's sealed subject id at the institution, which :func:`outbox_body`
+    unseals into ``data.subject`` when the message is sent (``data`` holds null there meanwhile)."""
+    message_id = outbox_message_id()
     now = timezone.now()
+    head = outbox_event_head(message_id=message_id, type=type, time=now, subject=subject)
+    return OutboxMessage(
+        institution_id=institution_id,
+        message_id=message_id,
+        type=type,
+        body=head + json.dumps(data, cls=DjangoJSONEncoder, separators=(",", ":"), ensure_ascii=False) + "}",
+        subject_sealed=subject_sealed,
+        next_attempt_at=now,
+        created_at=now,
+    )
+
+
+def outbox_message_id() -> str:
+    """A new message id: the CloudEvent ``id`` and the ``webhook-id`` of every attempt."""
+    return f"msg_{uuid.uuid4().hex}"
+
+
+def outbox_event_head(*, message_id: str, type: str, time: datetime, subject: str | None = None) -> str:
+    """The CloudEvent's JSON up to its ``data``: the caller appends the data's JSON and a closing brace.
+    :func:`outbox_message` does; so does the database function that holds redemptions, which writes its
+    webhook with the hold (``settlement_redemption_hold``)."""
     event: dict[str, Any] = {
         "specversion": "1.0",
         "id": message_id,
         "source": _source(),
         "type": type,
-        "time": now.isoformat().replace("+00:00", "Z"),
+        "time": time.isoformat().replace("+00:00", "Z"),
         "datacontenttype": "application/json",
-        "data": data,
     }
     if subject is not None:
         event["subject"] = subject
-    return OutboxMessage(
-        institution_id=institution_id,
-        message_id=message_id,
-        type=type,
-        body=json.dumps(event, cls=DjangoJSONEncoder, separators=(",", ":"), ensure_ascii=False),
-        next_attempt_at=now,
-        created_at=now,
-    )
+    return json.dumps(event, separators=(",", ":"), ensure_ascii=False)[:-1] + ',"data":'
+
+
+def outbox_body(message: OutboxMessage) -> str:
+    """The message's body as sent: the stored CloudEvent, with the person's subject id unsealed into
+    ``data.subject`` when the message carries one sealed. The same text on every attempt."""
+    if not message.subject_sealed:
+        return message.body
+    event = json.loads(message.body)
+    event["data"]["subject"] = crypto.unseal(message.subject_sealed)
+    return json.dumps(event, separators=(",", ":"), ensure_ascii=False)
 
 
 def outbox_deliver_after_commit() -> None:
@@ -467,7 +501,7 @@ def deliveries_send(*, limit: int = 500, rng: random.Random | None = None) -> di
     targets = {pk: target for (pk, _), target in zip(endpoints, resolved, strict=True)}
 
     def send(message: OutboxMessage) -> Result:
-        body = message.body.encode()
+        body = outbox_body(message).encode()
         headers = crypto.webhook_headers(
             body,
             msg_id=message.message_id,

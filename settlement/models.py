@@ -425,7 +425,13 @@ class RedemptionRequest(models.Model):
     key = models.CharField(max_length=255)
     request_hash = models.CharField(max_length=64, help_text="SHA-256 of the canonical request body.")
     status_code = models.PositiveSmallIntegerField()
-    response = models.JSONField(help_text="The body answered, replayed as is.")
+    # A 201's body is the redemption as held: rebuilt from its rows (immutable but for its resolution)
+    # when replayed, so the hold's one statement need not build it (settlement migration 0007).
+    response = models.JSONField(
+        null=True,
+        blank=True,
+        help_text="The body answered, replayed as is; null for a 201, rebuilt from the redemption as held.",
+    )
     redemption = models.ForeignKey(
         Redemption, null=True, blank=True, on_delete=models.PROTECT, related_name="+", db_index=False
     )

@@ -24,6 +24,7 @@ from settlement.models import (
     Obligation,
     Redemption,
     RedemptionAllocation,
+    RedemptionStatus,
     Reward,
 )
 from wallets.models import Person
@@ -264,9 +265,12 @@ def allocation_points(milligrams_by_institution: dict[str, int], points: int) ->
     ]
 
 
-def redemption_json(redemption: Redemption) -> dict[str, Any]:
+def redemption_json(redemption: Redemption, *, as_held: bool = False) -> dict[str, Any]:
     """A redemption as the API shows it (each entry of ``GET /me/redemptions``; see :func:`redemption_body`),
-    its allocations read from the prefetch of :func:`redemptions_for_person` when there is one."""
+    its allocations read from the prefetch of :func:`redemptions_for_person` when there is one.
+
+    ``as_held``: as it was when held, pending and unresolved, whatever happened since: the ``201`` that
+    made it, which its Idempotency-Key replays. Only the status and the resolution ever change."""
     milligrams: dict[str, int] = defaultdict(int)
     allocations = list(redemption.allocations.all())
     missing = {a.issuer_id for a in allocations if not RedemptionAllocation.issuer.is_cached(a)}
@@ -276,7 +280,7 @@ def redemption_json(redemption: Redemption) -> dict[str, Any]:
         milligrams[code] += allocation.milligrams
     return redemption_body(
         public_id=redemption.public_id,
-        status=redemption.status,
+        status=RedemptionStatus.PENDING if as_held else redemption.status,
         reward=redemption.reward.code,
         provider=redemption.provider.code,
         quantity=redemption.quantity,
@@ -284,9 +288,9 @@ def redemption_json(redemption: Redemption) -> dict[str, Any]:
         milligrams=milligrams,
         created_at=redemption.created_at,
         hold_expires_at=redemption.hold_expires_at,
-        resolved_at=redemption.resolved_at,
-        voucher=redemption.voucher,
-        reason=redemption.reason,
+        resolved_at=None if as_held else redemption.resolved_at,
+        voucher="" if as_held else redemption.voucher,
+        reason="" if as_held else redemption.reason,
     )
 
 

@@ -25,9 +25,14 @@ from django.db.models import F, Sum
 from django.utils import timezone
 
 from clearinghouse.db import advisory_lock_id, execute_prepared, insert_sql
-from institutions import crypto
 from institutions.models import Institution, OutboxMessage
-from institutions.outbox import outbox_deliver_after_commit, outbox_enqueue, outbox_message, outbox_replay
+from institutions.outbox import (
+    outbox_deliver_after_commit,
+    outbox_enqueue,
+    outbox_event_head,
+    outbox_message_id,
+    outbox_replay,
+)
 from ledger.exceptions import InsufficientBalance
 from ledger.models import Account, AccountKind, TransferKind
 from ledger.services import AccountKey, TransferSpec, accounts_ensure, transfers_post
@@ -75,7 +80,7 @@ from settlement.models import (
     new_redemption_id,
     window_open,
 )
-from settlement.selectors import redemption_body
+from settlement.selectors import redemption_body, redemption_json
 from wallets.models import Membership, Person
 from wallets.selectors import MG_PER_POINT, standard_today
 from wallets.services import person_erase
@@ -703,40 +708,73 @@ def _key_in_flight() -> IdempotencyKeyInFlight:
     )
 
 
-def _replayed(request_hash: str, status_code: int, response: Any, digest: str) -> RedemptionAnswer:
-    """The stored answer of a key sent again; :class:`IdempotencyKeyReused` if the request differs."""
+def _replayed(
+    request_hash: str, status_code: int, response: Any, redemption_id: int | None, digest: str
+) -> RedemptionAnswer:
+    """The stored answer of a key sent again; :class:`IdempotencyKeyReused` if the request differs.
+    A ``201`` is stored without its body: it is the redemption as held, rebuilt from its rows."""
     if request_hash != digest:
         raise IdempotencyKeyReused(
             "This Idempotency-Key was used for another request; use a new key for a new redemption."
         )
+    if response is None:
+        assert redemption_id is not None, "a 201 answer names its redemption"
+        redemption = Redemption.objects.select_related("reward", "provider").get(pk=redemption_id)
+        return RedemptionAnswer(status=status_code, body=redemption_json(redemption, as_held=True), replayed=True)
     body = json.loads(response) if isinstance(response, str) else response
     return RedemptionAnswer(status=status_code, body=body, replayed=True)
+
+
+def _stored_answer(*, person_id: int, key: str, digest: str) -> RedemptionAnswer | None:
+    """The key's stored answer, replayed (see :func:`_replayed`); None if it has none."""
+    stored, _ = _run(
+        f"SELECT request_hash, status_code, response, redemption_id FROM {RedemptionRequest._meta.db_table}"  # noqa: S608
+        " WHERE person_id = %s AND key = %s",
+        [person_id, key],
+    )
+    if not stored:
+        return None
+    ((request_hash, status_code, response, redemption_id),) = stored
+    return _replayed(request_hash, status_code, response, redemption_id, digest)
 
 
 def _refusal_stored(
     refusal: RedemptionRefused, *, person_id: int, key: str, digest: str, now: datetime
 ) -> RedemptionAnswer:
-    """Store a refusal found before anything was written as the key's answer, and return it."""
+    """Store a refusal found before anything was written as the key's answer, and return it.
+
+    On the database path the hold's statement has committed and released the key's lock by now, so a
+    request with the same key may have stored its answer in between: that answer, the key's first,
+    is then the one given (the insert does nothing)."""
     answer = RedemptionAnswer(status=refusal.status, body=refusal.problem())
-    RedemptionRequest.objects.create(
-        person_id=person_id,
-        key=key,
-        request_hash=digest,
-        status_code=answer.status,
-        response=answer.body,
-        created_at=now,
+    sql, params = insert_sql(
+        RedemptionRequest(
+            person_id=person_id,
+            key=key,
+            request_hash=digest,
+            status_code=answer.status,
+            response=answer.body,
+            created_at=now,
+        )
     )
-    return answer
+    _, inserted = _run(f"{sql} ON CONFLICT (person_id, key) DO NOTHING", params)
+    if inserted:
+        return answer
+    first = _stored_answer(person_id=person_id, key=key, digest=digest)
+    assert first is not None, "a conflicting answer is committed"
+    return first
 
 
 def redemption_request(
     *, person: Person, idempotency_key: str | None, reward_code: str, quantity: int, now: datetime | None = None
 ) -> RedemptionAnswer:
-    """``POST /me/redemptions`` under an ``Idempotency-Key`` (CONTRACT section 4); one transaction.
+    """``POST /me/redemptions`` under an ``Idempotency-Key`` (CONTRACT section 4).
 
     - The first request with a key holds the points (as :func:`redemption_hold`) and answers ``201``
-      with the redemption, or answers the refusal (``insufficient-points``, ``out-of-stock``, ...); the
-      answer is stored with the key in the same transaction, so it exists exactly when its effects do.
+      with the redemption, or answers the refusal (``insufficient-points``, ``out-of-stock``, ...). A
+      hold's answer is stored with the key in the hold's transaction, so it exists exactly when its
+      effects do; a ``201`` is stored without its body, which is the redemption as held (rebuilt from
+      its rows when replayed).
     - The same key with the same request (reward and quantity) answers the stored answer again, with
       ``replayed`` set; with another request it raises :class:`IdempotencyKeyReused` (422).
     - While a request with the key is still running, another raises :class:`IdempotencyKeyInFlight`
@@ -744,41 +782,42 @@ def redemption_request(
       never waits for it. A request that crashed or rolled back left nothing, so its key is free again.
       The unique (person, key) constraint stands behind the lock.
 
-    Refusals found by the checks, before anything is written, are stored answers. The two a race can
-    cause after the writes began (a lot swept by the expiry job, the last unit of stock taken by a
-    concurrent hold) roll the whole transaction back instead and store nothing: a retry with the key
-    decides afresh. Errors other than refusals store nothing either.
+    Refusals found by the checks, before anything is written, are stored answers too: the key's first
+    answer wins (see :func:`_refusal_stored`). The two a race can cause after the writes began (a lot
+    swept by the expiry job, the last unit of stock taken by a concurrent hold) roll the hold back
+    instead and store nothing: a retry with the key decides afresh. Errors other than refusals store
+    nothing either.
 
-    On PostgreSQL the locks, checks and writes are one call of the database function
-    ``settlement_redemption_hold`` (see :func:`_hold_in_database`); elsewhere the same steps run here.
+    On PostgreSQL the locks, checks and writes, the answer and the webhook are one statement, the
+    database function ``settlement_redemption_hold`` (see :func:`_hold_in_database`): with Django's
+    autocommit, one round trip that commits; inside a caller's ``atomic``, part of its transaction.
+    Elsewhere the same steps run here, in one transaction.
     """
     key = idempotency_key_clean(idempotency_key)
     digest = redemption_request_hash(reward_code=reward_code, quantity=quantity)
     _quantity_checked(quantity)
     now = now or timezone.now()
-    with transaction.atomic():
-        if _hold_in_database():
-            outcome = _hold_call(person_id=person.pk, key=key, reward_code=reward_code, quantity=quantity, now=now)
-            if outcome.kind == "in-flight":
-                raise _key_in_flight()
-            if outcome.kind == "stored":
-                return _replayed(outcome.request_hash, outcome.status, outcome.response, digest)
-            if outcome.refusal is not None:
-                return _refusal_stored(outcome.refusal, person_id=person.pk, key=key, digest=digest, now=now)
-            body = _held_record(outcome, person_id=person.pk, answer_key=(key, digest))
-            return RedemptionAnswer(status=201, body=body)
+    if _hold_in_database():
+        # One statement stores the hold with its answer and webhook: in autocommit its own transaction.
+        outcome = _hold_call(
+            person_id=person.pk, key=key, request_hash=digest, reward_code=reward_code, quantity=quantity, now=now
+        )
+        if outcome.kind == "in-flight":
+            raise _key_in_flight()
+        if outcome.kind == "stored":
+            return _replayed(outcome.request_hash, outcome.status, outcome.response, outcome.redemption_pk, digest)
+        if outcome.refusal is not None:
+            return _refusal_stored(outcome.refusal, person_id=person.pk, key=key, digest=digest, now=now)
+        outbox_deliver_after_commit()
+        return RedemptionAnswer(status=201, body=_held_body(outcome))
 
+    with transaction.atomic():
         if not _request_lock_try(person.pk, key):
             raise _key_in_flight()
         owners_lock([person_owner(person.pk)])
-        stored, _ = _run(
-            f"SELECT request_hash, status_code, response FROM {RedemptionRequest._meta.db_table}"  # noqa: S608
-            " WHERE person_id = %s AND key = %s",
-            [person.pk, key],
-        )
-        if stored:
-            ((request_hash, status_code, response),) = stored
-            return _replayed(request_hash, status_code, response, digest)
+        stored = _stored_answer(person_id=person.pk, key=key, digest=digest)
+        if stored is not None:
+            return stored
         try:
             plan = _hold_plan(person_id=person.pk, reward_code=reward_code, quantity=quantity, now=now)
         except RedemptionRefused as refusal:  # raised before anything was written
@@ -913,7 +952,7 @@ def redemption_hold(
         )
         if outcome.refusal is not None:
             raise outcome.refusal
-        _held_record(outcome, person_id=person.pk)
+        outbox_deliver_after_commit()
         return Redemption.objects.get(pk=outcome.redemption_pk)
     owners_lock([person_owner(person.pk)])
     plan = _hold_plan(person_id=person.pk, reward_code=reward_code, quantity=quantity, now=now, today=today)
@@ -997,7 +1036,8 @@ def _hold_plan(
 def _hold_write(plan: _HoldPlan, *, answer_key: tuple[str, str] | None = None) -> tuple[int, dict[str, Any]]:
     """The writes of :func:`redemption_hold`, in the caller's transaction; ``(redemption pk, its JSON)``.
 
-    With ``answer_key`` (key, request hash) the JSON is also stored as that key's answer. The redemption,
+    With ``answer_key`` (key, request hash) the key's answer is stored too (a ``201`` without its body,
+    which a replay rebuilds from the redemption; see :func:`_replayed`). The redemption,
     its allocations and the answer go in one statement; then the hold accounts and the ledger transfer,
     the webhook, and the stock. Raises :class:`InsufficientPoints` or :class:`OutOfStock` only when a
     concurrent change beat it after the checks (a lot swept by the expiry job, the last unit taken);
@@ -1022,9 +1062,7 @@ def _hold_write(plan: _HoldPlan, *, answer_key: tuple[str, str] | None = None) -
         created_at=plan.now,
         hold_expires_at=hold_expires_at,
     )
-    redemption_id = _redemption_insert(
-        plan, public_id, hold_expires_at, answer=(*answer_key, body) if answer_key else None
-    )
+    redemption_id = _redemption_insert(plan, public_id, hold_expires_at, answer=answer_key)
     holds = _hold_accounts(redemption_id, per_issuer)
     legs = [(lot.account_id, -take) for lot, take in plan.taken]
     legs += [(holds[issuer_id], mg) for issuer_id, mg in sorted(per_issuer.items())]
@@ -1045,7 +1083,8 @@ def _hold_write(plan: _HoldPlan, *, answer_key: tuple[str, str] | None = None) -
         # The provider's columns read with the offer: all the outbox row needs of it is its id.
         institution=Institution(id=offer.provider_id, code=offer.provider_code, is_provider=True),
         type=REDEMPTION_REQUESTED,
-        data=_requested_data(public_id, offer.code, plan.points, plan.quantity, offer.subject_sealed),
+        data=_requested_data(public_id, offer.code, plan.points, plan.quantity),
+        subject_sealed=offer.subject_sealed or "",
     )
     # The stock last, so the reward row is locked only until the commit; the UPDATE re-checks it.
     if offer.stock is not None:
@@ -1059,10 +1098,10 @@ def _hold_write(plan: _HoldPlan, *, answer_key: tuple[str, str] | None = None) -
 
 
 def _redemption_insert(
-    plan: _HoldPlan, public_id: str, hold_expires_at: datetime, *, answer: tuple[str, str, dict[str, Any]] | None
+    plan: _HoldPlan, public_id: str, hold_expires_at: datetime, *, answer: tuple[str, str] | None
 ) -> int:
-    """Insert the redemption, its allocations and, given ``answer`` (key, request hash, body), the key's
-    stored answer. Returns the redemption's pk. On PostgreSQL one statement, the hot path's."""
+    """Insert the redemption, its allocations and, given ``answer`` (key, request hash), the key's
+    stored answer. Returns the redemption's pk. On PostgreSQL one statement."""
     if connection.vendor != "postgresql":
         redemption = Redemption.objects.create(
             public_id=public_id,
@@ -1085,13 +1124,13 @@ def _redemption_insert(
             for lot, take in plan.taken
         )
         if answer is not None:
-            key, request_hash, body = answer
+            key, request_hash = answer
             RedemptionRequest.objects.create(
                 person_id=plan.person_id,
                 key=key,
                 request_hash=request_hash,
                 status_code=201,
-                response=body,
+                response=None,
                 redemption=redemption,
                 created_at=plan.now,
             )
@@ -1114,12 +1153,12 @@ def _redemption_insert(
     ]
     answered = ""
     if answer is not None:
-        key, request_hash, body = answer
+        key, request_hash = answer
         answered = f""", answered AS (
             INSERT INTO {RedemptionRequest._meta.db_table}
                    (person_id, key, request_hash, status_code, response, redemption_id, created_at)
-            SELECT %s, %s, %s, 201, %s::jsonb, redemption.id, %s FROM redemption)"""  # noqa: S608
-        params += [plan.person_id, key, request_hash, json.dumps(body), plan.now]
+            SELECT %s, %s, %s, 201, NULL, redemption.id, %s FROM redemption)"""  # noqa: S608
+        params += [plan.person_id, key, request_hash, plan.now]
     ((redemption_id,),), _ = _run(
         f"""WITH redemption AS (
                 INSERT INTO {Redemption._meta.db_table}
@@ -1158,32 +1197,27 @@ def _hold_accounts(redemption_id: int, issuer_ids: Iterable[int]) -> dict[int, i
     return {key.issuer_id: account_id for key, account_id in keys.items()}
 
 
-def _requested_data(
-    public_id: str, reward: str, points: int, quantity: int, subject_sealed: str | None
-) -> dict[str, Any]:
-    """The data of ``carbon.redemption.requested``: the person's subject id at the provider, if linked."""
-    return {
-        "redemption_id": public_id,
-        "reward": reward,
-        "points": points,
-        "quantity": quantity,
-        "subject": crypto.unseal(subject_sealed) if subject_sealed else None,
-    }
+def _requested_data(public_id: str, reward: str, points: int, quantity: int) -> dict[str, Any]:
+    """The data of ``carbon.redemption.requested`` as stored: ``subject``, the person's subject id at the
+    provider if linked, is null here and filled in from the message's sealed copy when it is sent
+    (``institutions.outbox.outbox_body``). The database function writes the same keys in this order."""
+    return {"redemption_id": public_id, "reward": reward, "points": points, "quantity": quantity, "subject": None}
 
 
 # --- The hold in the database (PostgreSQL) ---------------------------------------------------------------
 
 
 def _hold_in_database() -> bool:
-    """Whether holds run as the database function ``settlement_redemption_hold`` (settlement migration
-    0006): on PostgreSQL unless ``HUB_REDEMPTION_HOLD_IN_DATABASE`` is off. One round trip instead of the
-    portable path's eighteen; the same decisions and rows (``tests/settlement/test_hold_engines.py``)."""
+    """Whether holds run as the database function ``settlement_redemption_hold`` (settlement migrations
+    0006 and 0007): on PostgreSQL unless ``HUB_REDEMPTION_HOLD_IN_DATABASE`` is off. One statement, with
+    the key's answer and the webhook, instead of the portable path's eighteen; the same decisions and
+    rows (``tests/settlement/test_hold_engines.py``)."""
     return connection.vendor == "postgresql" and settings.HUB_REDEMPTION_HOLD_IN_DATABASE
 
 
 @dataclass(frozen=True, slots=True)
 class _HoldOutcome:
-    """What ``settlement_redemption_hold`` answered (its migration describes each ``kind``)."""
+    """What ``settlement_redemption_hold`` answered (its migrations describe each ``kind``)."""
 
     kind: str  # in-flight, stored, refused, held
     public_id: str
@@ -1194,30 +1228,38 @@ class _HoldOutcome:
     request_hash: str = ""
     status: int = 0
     response: Any = None
-    redemption_pk: int = 0
+    redemption_pk: int = 0  # held: the redemption; stored: the answer's, if any
     reward: str = ""
-    provider_id: int = 0
     provider_code: str = ""
     points: int = 0
-    subject_sealed: str | None = None
     milligrams: dict[str, int] | None = None
 
 
 _HOLD_CALL = (
     "SELECT settlement_redemption_hold(%s::bigint, %s::bigint, %s::bigint, %s::text, %s::text, %s::integer,"
-    " %s::timestamptz, %s::date, %s::text, %s::timestamptz)"
+    " %s::timestamptz, %s::date, %s::text, %s::timestamptz, %s::text, %s::text, %s::text, %s::text)"
 )
 
 
 def _hold_call(
-    *, person_id: int, key: str | None, reward_code: str, quantity: int, now: datetime | None, today: date | None = None
+    *,
+    person_id: int,
+    key: str | None,
+    reward_code: str,
+    quantity: int,
+    now: datetime | None,
+    request_hash: str = "",
+    today: date | None = None,
 ) -> _HoldOutcome:
-    """Call ``settlement_redemption_hold`` in the caller's transaction. Raises :class:`InsufficientPoints`
-    or :class:`OutOfStock` when a concurrent change beat the hold after its writes began (the caller's
-    transaction must then roll back, as it will when the exception leaves its ``atomic``)."""
+    """Call ``settlement_redemption_hold``: one statement that, when it holds, also stores the key's
+    answer (given ``key`` and ``request_hash``) and the provider's webhook; in autocommit its own
+    transaction, else part of the caller's. Raises :class:`InsufficientPoints` or :class:`OutOfStock`
+    when a concurrent change beat the hold after its writes began (the statement's writes roll back;
+    so must a caller's transaction, as it will when the exception leaves its ``atomic``)."""
     now = now or timezone.now()
     public_id = new_redemption_id()
     hold_expires_at = now + timedelta(hours=settings.HUB_REDEMPTION_HOLD_HOURS)
+    message_id = outbox_message_id()
     params = [
         person_id,
         owner_lock_id(person_owner(person_id)),
@@ -1229,6 +1271,10 @@ def _hold_call(
         today or standard_today(),
         public_id,
         hold_expires_at,
+        request_hash,
+        message_id,
+        REDEMPTION_REQUESTED,
+        outbox_event_head(message_id=message_id, type=REDEMPTION_REQUESTED, time=now),
     ]
     try:
         (returned,) = execute_prepared(_HOLD_CALL, params).fetchone()
@@ -1243,7 +1289,13 @@ def _hold_call(
     answer = json.loads(returned) if isinstance(returned, str) else returned
     base = _HoldOutcome(answer["outcome"], public_id, quantity, now, hold_expires_at)
     if base.kind == "stored":
-        return replace(base, request_hash=answer["request_hash"], status=answer["status"], response=answer["response"])
+        return replace(
+            base,
+            request_hash=answer["request_hash"],
+            status=answer["status"],
+            response=answer["response"],
+            redemption_pk=answer["redemption_id"] or 0,
+        )
     if base.kind == "refused":
         figures = {name: value for name, value in answer.items() if name not in ("outcome", "code")}
         return replace(base, refusal=_refusal(answer["code"], reward_code, figures))
@@ -1252,19 +1304,16 @@ def _hold_call(
             base,
             redemption_pk=answer["id"],
             reward=answer["reward"],
-            provider_id=answer["provider_id"],
             provider_code=answer["provider_code"],
             points=answer["points"],
-            subject_sealed=answer["subject_sealed"],
             milligrams=answer["milligrams"],
         )
     return base  # in-flight
 
 
-def _held_record(outcome: _HoldOutcome, *, person_id: int, answer_key: tuple[str, str] | None = None) -> dict[str, Any]:
-    """After the function held the points: write the provider's webhook and, given ``answer_key`` (key,
-    request hash), the key's answer, in one statement of the caller's transaction. Returns the JSON."""
-    body = redemption_body(
+def _held_body(outcome: _HoldOutcome) -> dict[str, Any]:
+    """The ``201`` of a hold the function made: the redemption as held."""
+    return redemption_body(
         public_id=outcome.public_id,
         status=RedemptionStatus.PENDING,
         reward=outcome.reward,
@@ -1275,25 +1324,6 @@ def _held_record(outcome: _HoldOutcome, *, person_id: int, answer_key: tuple[str
         created_at=outcome.now,
         hold_expires_at=outcome.hold_expires_at,
     )
-    data = _requested_data(outcome.public_id, outcome.reward, outcome.points, outcome.quantity, outcome.subject_sealed)
-    sql, params = insert_sql(outbox_message(institution_id=outcome.provider_id, type=REDEMPTION_REQUESTED, data=data))
-    if answer_key is not None:
-        key, request_hash = answer_key
-        answer_sql, answer_params = insert_sql(
-            RedemptionRequest(
-                person_id=person_id,
-                key=key,
-                request_hash=request_hash,
-                status_code=201,
-                response=body,
-                redemption_id=outcome.redemption_pk,
-                created_at=outcome.now,
-            )
-        )
-        sql, params = f"WITH answer AS ({answer_sql}) {sql}", [*answer_params, *params]
-    execute_prepared(sql, params)
-    outbox_deliver_after_commit()
-    return body
 
 
 @dataclass(frozen=True, slots=True)

@@ -98,6 +98,39 @@ def test_signatures_verify_and_webhook_id_is_stable_across_retries(receiver: Rec
     assert attempts == [500, 200]
 
 
+def test_a_sealed_subject_is_sent_in_the_clear_and_the_same_on_every_attempt(receiver: Receiver) -> None:
+    sender = _provider(receiver.url)
+    answers = iter([503, 200])
+    receiver.respond = lambda h, b: (next(answers), {})
+    with transaction.atomic():
+        message = outbox.outbox_enqueue(
+            institution=sender.institution,
+            type="carbon.redemption.requested",
+            data={"redemption_id": "r-1", "reward": "coffee", "points": 10, "quantity": 1, "subject": None},
+            subject_sealed=crypto.seal("member-0042"),
+        )
+    assert "member-0042" not in OutboxMessage.objects.get().body  # not at rest
+
+    outbox.deliveries_send(limit=10)
+    _make_due()
+    outbox.deliveries_send(limit=10)
+
+    (_, first_body), (second, body) = receiver.requests
+    assert first_body == body  # the same text on both attempts
+    event = json.loads(body)
+    assert event["data"] == {
+        "redemption_id": "r-1",
+        "reward": "coffee",
+        "points": 10,
+        "quantity": 1,
+        "subject": "member-0042",
+    }
+    hub_key = crypto.public_key_bytes(services.hub_public_keys()[0].public_key)
+    args = (second["webhook-id"], second["webhook-timestamp"], body, second["webhook-signature"])
+    assert second["webhook-id"] == message.message_id
+    assert crypto.verify(*args, hmac_secrets=[], ed25519_public_keys=[hub_key])  # signed as sent
+
+
 def test_without_hmac_secret_only_v1a_is_sent(receiver: Receiver) -> None:
     sender = make_sender("shop-b", hmac=False, provider=True)
     Institution.objects.filter(pk=sender.institution.pk).update(endpoint_url=receiver.url)

@@ -21,6 +21,7 @@ from django.utils import timezone
 
 from institutions import crypto
 from institutions.models import Institution, OutboxMessage
+from institutions.outbox import outbox_body
 from ledger.models import Account, Posting, Transfer
 from ledger.selectors import ledger_check
 from settlement.exceptions import IdempotencyKeyReused, InvalidReward, RedemptionRefused
@@ -108,20 +109,29 @@ def snapshot(person: Any) -> dict[str, Any]:
             for p in Posting.objects.filter(transfer__kind="hold").order_by("transfer_id", "id")
         ],
         "stored answers": [
-            (r.key, r.status_code, r.redemption_id is not None)
+            (r.key, r.status_code, r.redemption_id is not None, r.response)
             for r in RedemptionRequest.objects.order_by("person_id", "key")
         ],
-        "webhooks": [
-            (
-                codes[m.institution_id],
-                m.type,
-                {k: v for k, v in json.loads(m.body)["data"].items() if k != "redemption_id"},
-            )
-            for m in OutboxMessage.objects.order_by("id")
-        ],
+        "webhooks": [webhook(m, codes) for m in OutboxMessage.objects.order_by("id")],
         "stock": dict(Reward.objects.values_list("code", "stock")),
         "ledger check": ledger_check(),
     }
+
+
+def webhook(message: OutboxMessage, codes: dict[int, str]) -> tuple[Any, ...]:
+    """A webhook as stored (its envelope's keys in order, its data but the redemption's id) and its
+    data's subject as sent."""
+    stored = json.loads(message.body)
+    sent = json.loads(outbox_body(message))
+    data = {k: v for k, v in stored["data"].items() if k != "redemption_id"}
+    return (
+        codes[message.institution_id],
+        message.type,
+        list(stored),
+        list(stored["data"]),
+        data,
+        sent["data"]["subject"],
+    )
 
 
 def ordinals(value: Any) -> Any:

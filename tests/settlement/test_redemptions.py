@@ -13,15 +13,19 @@ from django.utils import timezone
 
 from institutions import crypto
 from institutions.models import OutboxMessage
+from institutions.outbox import outbox_body
 from ledger.models import Account, Posting, Transfer
 from ledger.selectors import ledger_check
 from ledger.services import lots_expire
 from settlement.exceptions import InsufficientPoints, RedemptionNotPending
 from settlement.models import Obligation, Redemption, RedemptionAllocation, RedemptionRequest, Reward
 from settlement.services import (
+    _refusal_stored,
     redemption_fulfil,
     redemption_hold,
     redemption_reject,
+    redemption_request,
+    redemption_request_hash,
     redemption_void,
     redemptions_expire,
 )
@@ -170,7 +174,11 @@ def test_the_requested_webhook_names_the_providers_own_account_when_linked(clien
 
     redeem(client, token, "coffee", 2)
 
-    data = json.loads(OutboxMessage.objects.get().body)["data"]
+    message = OutboxMessage.objects.get()
+    # At rest the subject id is sealed, not in the body; the body as sent carries it.
+    assert json.loads(message.body)["data"]["subject"] is None
+    assert "member-0042" not in message.body and crypto.unseal(message.subject_sealed) == "member-0042"
+    data = json.loads(outbox_body(message))["data"]
     assert (data["subject"], data["points"], data["quantity"]) == ("member-0042", 20, 2)
 
 
@@ -271,6 +279,40 @@ def test_the_same_key_returns_the_first_answer(client, provider, wallet):
     assert again["Idempotent-Replayed"] == "true" and "Idempotent-Replayed" not in first
     assert Redemption.objects.count() == 1
     assert sum(lot_balances(person.pk).values()) == 15_000
+
+
+def test_the_same_key_after_fulfilment_still_answers_the_hold(client, provider, wallet):
+    # A 201 is stored without its body and rebuilt from the redemption: as it was when held.
+    _person, token = wallet
+    make_reward(provider, "coffee", points=30)
+    first = redeem(client, token, "coffee", 1, key="order-5")
+    redemption_fulfil(provider_id=provider.institution.pk, redemption_id=first.json()["id"], voucher="V-1")
+
+    again = redeem(client, token, "coffee", 1, key="order-5")
+
+    assert again.status_code == 201 and again["Idempotent-Replayed"] == "true"
+    assert again.json() == first.json() and first.json()["status"] == "pending"
+    assert RedemptionRequest.objects.get(key="order-5").response is None
+
+
+def test_a_refusal_yields_to_an_answer_stored_meanwhile(provider, wallet):
+    # On the database path a refusal is stored after the hold's statement committed: a request with
+    # the same key may have stored its answer in between, and that first answer is the one given.
+    person, _token = wallet
+    make_reward(provider, "coffee", points=30)
+    held = redemption_request(person=person, idempotency_key="order-6", reward_code="coffee", quantity=1)
+    digest = redemption_request_hash(reward_code="coffee", quantity=1)
+
+    answer = _refusal_stored(
+        InsufficientPoints("Not enough points now."),
+        person_id=person.pk,
+        key="order-6",
+        digest=digest,
+        now=timezone.now(),
+    )
+
+    assert (answer.status, answer.body, answer.replayed) == (201, held.body, True)
+    assert RedemptionRequest.objects.filter(person=person).count() == 1
 
 
 def test_a_refusal_is_the_first_answer_too(client, provider, wallet):
