@@ -9,13 +9,17 @@ the very same answer back.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from django.conf import settings
 from django.db.models import QuerySet
+from django.http import HttpRequest, HttpResponse
+from django.http.response import HttpResponseBase
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import serializers
+from rest_framework.exceptions import AuthenticationFailed
 from rest_framework.generics import GenericAPIView, ListAPIView
 from rest_framework.pagination import CursorPagination
 from rest_framework.permissions import AllowAny, IsAuthenticated
@@ -23,7 +27,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from clearinghouse.errors import PROBLEM_CONTENT_TYPE, NotFound
+from clearinghouse.errors import PROBLEM_CONTENT_TYPE, HubError, NotFound, problem_response
 from institutions.authentication import InstitutionTokenAuthentication
 from institutions.models import Institution
 from settlement.models import (
@@ -44,6 +48,9 @@ from settlement.selectors import (
 )
 from settlement.services import redemption_request
 from wallets.apis import PROBLEM, PersonApi
+from wallets.authentication import PersonTokenAuthentication
+from wallets.models import Person
+from wallets.selectors import person_for_user
 
 
 class ObligationLineOut(serializers.Serializer):
@@ -267,19 +274,95 @@ class RedemptionsApi(PersonApi, GenericAPIView):
             422: OpenApiResponse(description="`idempotency-key-reused` (problem+json)."),
         },
     )
-    def post(self, request: Request) -> Response:
+    def post(self, request: Request) -> HttpResponse:
+        # Requests the direct path (dispatch) leaves to DRF: session users, other media types, any
+        # body or credentials that need DRF's answer (validation errors, 401, 403, 406, 415).
         person = self.person(request)
         incoming = RedemptionIn(data=request.data)
         incoming.is_valid(raise_exception=True)
-        answer = redemption_request(
-            person=person,
+        return _redemption_answered(
+            person,
             idempotency_key=request.headers.get("Idempotency-Key"),
             reward_code=incoming.validated_data["reward"],
             quantity=incoming.validated_data["quantity"],
         )
-        response = Response(
-            answer.body, status=answer.status, content_type=PROBLEM_CONTENT_TYPE if answer.status >= 400 else None
+
+    def dispatch(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
+        if request.method == "POST" and (direct := _redemption_post_direct(request)) is not None:
+            return direct
+        return super().dispatch(request, *args, **kwargs)
+
+
+# --- POST /me/redemptions without DRF, for the plain request -----------------------------------------------
+
+# The Accept headers DRF's negotiation answers with JSON (a client that sends none accepts anything).
+_DIRECT_ACCEPT = frozenset({"", "*/*", "application/json"})
+
+
+def _redemption_post_direct(request: HttpRequest) -> HttpResponse | None:
+    """Serve ``POST /me/redemptions`` as a plain Django view when the request is the plain kind: a
+    person's ``Token``, a JSON body whose ``reward`` and ``quantity`` are already what DRF's
+    validation would make of them, an ``Accept`` that JSON satisfies. None otherwise, and DRF serves
+    it (:meth:`RedemptionsApi.post`): with the same answers, which ``tests/settlement/test_redemption_api_paths.py``
+    checks request by request.
+
+    Why: the hold is the hottest request a person makes, and DRF's request wrapping, negotiation,
+    serializer and rendering cost about a fifth of its CPU in the web process (docs/performance.md);
+    the intake's POST is served the same way."""
+    meta = request.META
+    if meta.get("HTTP_ACCEPT", "") not in _DIRECT_ACCEPT or meta.get("CONTENT_TYPE") != "application/json":
+        return None
+    scheme, _, key = meta.get("HTTP_AUTHORIZATION", "").partition(" ")
+    if scheme != PersonTokenAuthentication.keyword or not key or " " in key:
+        return None
+    try:
+        user, _token = PersonTokenAuthentication().authenticate_credentials(key)
+    except AuthenticationFailed:
+        return None
+    person = person_for_user(user)
+    if person is None:
+        return None
+    try:
+        body = json.loads(request.body)
+    except ValueError:
+        return None
+    plain = _plain_redemption(body)
+    if plain is None:
+        return None
+    reward_code, quantity = plain
+    try:
+        return _redemption_answered(
+            person, idempotency_key=meta.get("HTTP_IDEMPOTENCY_KEY"), reward_code=reward_code, quantity=quantity
         )
-        if answer.replayed:
-            response["Idempotent-Replayed"] = "true"
-        return response
+    except HubError as error:
+        return problem_response(error)
+
+
+def _plain_redemption(body: Any) -> tuple[str, int] | None:
+    """(reward, quantity) of a body :class:`RedemptionIn` would take as it is; None for anything it
+    would change or refuse (whitespace to trim, numbers as strings, out of range, ...)."""
+    if not isinstance(body, dict):
+        return None
+    reward, quantity = body.get("reward"), body.get("quantity", 1)
+    if not isinstance(reward, str) or not reward or reward != reward.strip() or len(reward) > 40:
+        return None
+    if type(quantity) is not int or not 1 <= quantity <= settings.HUB_REDEMPTION_MAX_QUANTITY:
+        return None
+    return reward, quantity
+
+
+def _redemption_answered(
+    person: Person, *, idempotency_key: str | None, reward_code: str, quantity: int
+) -> HttpResponse:
+    """The service's answer as sent, by both paths; refusals raise :class:`HubError` to the caller."""
+    answer = redemption_request(
+        person=person, idempotency_key=idempotency_key, reward_code=reward_code, quantity=quantity
+    )
+    response = HttpResponse(
+        json.dumps(answer.body, separators=(",", ":"), ensure_ascii=False),
+        status=answer.status,
+        content_type=PROBLEM_CONTENT_TYPE if answer.status >= 400 else "application/json",
+    )
+    if answer.replayed:
+        response["Idempotent-Replayed"] = "true"
+    return response
