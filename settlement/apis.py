@@ -289,6 +289,7 @@ class RedemptionsApi(PersonApi, GenericAPIView):
 
     def dispatch(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
         if request.method == "POST" and (direct := _redemption_post_direct(request)) is not None:
+            direct["Allow"] = ", ".join(self.allowed_methods)  # as DRF answers every request
             return direct
         return super().dispatch(request, *args, **kwargs)
 
@@ -297,6 +298,8 @@ class RedemptionsApi(PersonApi, GenericAPIView):
 
 # The Accept headers DRF's negotiation answers with JSON (a client that sends none accepts anything).
 _DIRECT_ACCEPT = frozenset({"", "*/*", "application/json"})
+# A redemption's body is some 40 bytes; a larger one is left to DRF (and Django's size limits).
+_DIRECT_MAX_BODY = 1024
 
 
 def _redemption_post_direct(request: HttpRequest) -> HttpResponse | None:
@@ -311,6 +314,9 @@ def _redemption_post_direct(request: HttpRequest) -> HttpResponse | None:
     the intake's POST is served the same way."""
     meta = request.META
     if meta.get("HTTP_ACCEPT", "") not in _DIRECT_ACCEPT or meta.get("CONTENT_TYPE") != "application/json":
+        return None
+    length = meta.get("CONTENT_LENGTH", "")
+    if not length.isdigit() or int(length) > _DIRECT_MAX_BODY:
         return None
     scheme, _, key = meta.get("HTTP_AUTHORIZATION", "").partition(" ")
     if scheme != PersonTokenAuthentication.keyword or not key or " " in key:

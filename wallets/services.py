@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from math import ceil
+from typing import Any
 
 from cryptography.fernet import InvalidToken
 from django.conf import settings
@@ -35,7 +36,7 @@ from django.utils import timezone
 from rest_framework.authtoken.models import Token
 
 from institutions import crypto
-from institutions.models import Institution
+from institutions.models import Institution, OutboxMessage
 from ledger.models import Account, AccountKind
 from ledger.services import AccountKey, TransferSpec, accounts_ensure, sweep_keys, transfers_post
 from methodology.books import owners_lock, person_owner, subject_owner
@@ -308,39 +309,43 @@ def person_link_remove(*, person: Person, institution_code: str) -> Membership:
 # --- Key rotation -----------------------------------------------------------------------------------
 
 
-def memberships_reseal(*, batch_size: int = 500, progress: Callable[[int, int], None] | None = None) -> int:
-    """Re-encrypt every membership's sealed subject under the newest ``HUB_ENCRYPTION_KEYS`` key.
+def subjects_reseal(*, batch_size: int = 500, progress: Callable[[int, int], None] | None = None) -> int:
+    """Re-encrypt every sealed subject id under the newest ``HUB_ENCRYPTION_KEYS`` key: the memberships'
+    and the outbox messages' (a webhook keeps the person's subject id sealed until it is sent).
 
     Runs in batches, each committed on its own with its rows locked, so an interrupted run can simply
     be started again; ``progress(done, total)`` is called after each batch. Returns how many rows were
     resealed. Raises :class:`~institutions.crypto.MalformedKey` naming the row when a sealed subject
     cannot be decrypted with any configured key (the rows before it stay resealed).
     """
-    total = Membership.objects.exclude(subject_sealed="").count()
+    models: tuple[Any, ...] = (Membership, OutboxMessage)  # both have subject_sealed
+    total = sum(model.objects.exclude(subject_sealed="").count() for model in models)
     done = 0
-    last_pk = 0
-    while True:
-        with transaction.atomic():
-            rows = list(
-                Membership.objects.select_for_update()
-                .filter(pk__gt=last_pk)
-                .exclude(subject_sealed="")
-                .order_by("pk")[:batch_size]
-            )
-            if not rows:
-                break
-            for row in rows:
-                try:
-                    row.subject_sealed = crypto.reseal(row.subject_sealed)
-                except InvalidToken as exc:
-                    raise crypto.MalformedKey(
-                        f"Membership {row.pk}: its sealed subject cannot be decrypted with any configured key."
-                    ) from exc
-            Membership.objects.bulk_update(rows, ["subject_sealed"])
-        last_pk = rows[-1].pk
-        done += len(rows)
-        if progress is not None:
-            progress(done, total)
+    for model in models:
+        last_pk = 0
+        while True:
+            with transaction.atomic():
+                rows = list(
+                    model.objects.select_for_update()
+                    .filter(pk__gt=last_pk)
+                    .exclude(subject_sealed="")
+                    .order_by("pk")[:batch_size]
+                )
+                if not rows:
+                    break
+                for row in rows:
+                    try:
+                        row.subject_sealed = crypto.reseal(row.subject_sealed)
+                    except InvalidToken as exc:
+                        raise crypto.MalformedKey(
+                            f"{model._meta.verbose_name.capitalize()} {row.pk}: its sealed subject cannot be"
+                            " decrypted with any configured key."
+                        ) from exc
+                model.objects.bulk_update(rows, ["subject_sealed"])
+            last_pk = rows[-1].pk
+            done += len(rows)
+            if progress is not None:
+                progress(done, total)
     return done
 
 

@@ -13,6 +13,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from cryptography.fernet import Fernet
 from django.db import connection, transaction
 from django.db.models import F
 from django.test.utils import CaptureQueriesContext
@@ -129,6 +130,23 @@ def test_a_sealed_subject_is_sent_in_the_clear_and_the_same_on_every_attempt(rec
     args = (second["webhook-id"], second["webhook-timestamp"], body, second["webhook-signature"])
     assert second["webhook-id"] == message.message_id
     assert crypto.verify(*args, hmac_secrets=[], ed25519_public_keys=[hub_key])  # signed as sent
+
+
+def test_a_subject_no_key_unseals_fails_that_attempt_only(receiver: Receiver) -> None:
+    sender = _provider(receiver.url)
+    (fine,) = _enqueue(sender)
+    with transaction.atomic():
+        lost = outbox.outbox_enqueue(
+            institution=sender.institution,
+            type="carbon.redemption.requested",
+            data={"redemption_id": "r-9", "subject": None},
+            subject_sealed=Fernet(Fernet.generate_key()).encrypt(b"member-1").decode(),  # a retired key's
+        )
+
+    assert outbox.deliveries_send(limit=10) == {"delivered": 1, "failed": 1, "dead": 0}
+    lost.refresh_from_db()
+    assert lost.status == "failed" and "cannot be unsealed" in lost.last_error
+    assert [json.loads(body)["id"] for _, body in receiver.requests] == [fine.message_id]
 
 
 def test_without_hmac_secret_only_v1a_is_sent(receiver: Receiver) -> None:

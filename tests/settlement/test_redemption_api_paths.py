@@ -41,6 +41,7 @@ SCRIPT: list[tuple[str, str, dict[str, str]]] = [
     ("quantity true", '{"reward": "coffee", "quantity": true}', {"Idempotency-Key": "k9"}),
     ("no reward", '{"quantity": 1}', {"Idempotency-Key": "k10"}),
     ("a list", '[{"reward": "coffee"}]', {"Idempotency-Key": "k11"}),
+    ("a long body", '{"reward": "coffee", "note": "%s"}' % ("x" * 1024), {"Idempotency-Key": "k17"}),
     ("bad JSON", '{"reward": ', {"Idempotency-Key": "k12"}),
     ("HTML only", '{"reward": "coffee"}', {"Idempotency-Key": "k13", "Accept": "text/html"}),
     ("bad token", '{"reward": "coffee"}', {"Idempotency-Key": "k14", "Authorization": "Token nope"}),
@@ -73,6 +74,8 @@ def play(client: Any, token: str, operator_token: str, direct: list[int]) -> tup
                 response["Content-Type"],
                 response.get("Idempotent-Replayed"),
                 response.get("WWW-Authenticate"),
+                response.get("Vary"),
+                response.get("Allow"),
                 json.loads(text),
             )
         )

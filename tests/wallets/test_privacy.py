@@ -12,6 +12,7 @@ from django.core.management.base import CommandError
 from django.db import connection
 
 from institutions import crypto
+from institutions.outbox import outbox_enqueue
 from tests.conftest import activity
 from tests.wallets.conftest import PASSWORD, link_event, make_person, new_code, outcome, unlink_event
 from wallets.models import LinkCode, Membership
@@ -128,17 +129,23 @@ def test_subjects_reseal_moves_every_sealed_subject_to_the_newest_key(bank, sett
     subjects = {"cust-1", "cust-2", "cust-3"}
     for index, subject in enumerate(sorted(subjects)):
         _link_directly(bank, f"user{index}", subject)
+    # A webhook waiting to be sent keeps its person's subject id sealed too.
+    message = outbox_enqueue(
+        institution=bank.institution, type="carbon.redemption.requested", data={}, subject_sealed=crypto.seal("cust-1")
+    )
     old_keys = list(settings.HUB_ENCRYPTION_KEYS)
     new_key = Fernet.generate_key().decode()
     settings.HUB_ENCRYPTION_KEYS = [new_key, *old_keys]
 
     out = StringIO()
     call_command("subjects_reseal", "--batch-size", "2", stdout=out)
-    assert out.getvalue().splitlines()[:2] == ["resealed 2 of 3", "resealed 3 of 3"]
+    assert out.getvalue().splitlines()[:3] == ["resealed 2 of 4", "resealed 3 of 4", "resealed 4 of 4"]
 
     settings.HUB_ENCRYPTION_KEYS = [new_key]  # the old key retired
     sealed = Membership.objects.values_list("subject_sealed", flat=True)
     assert {crypto.unseal(value) for value in sealed} == subjects
+    message.refresh_from_db()
+    assert crypto.unseal(message.subject_sealed) == "cust-1"
 
 
 def test_subjects_reseal_names_a_row_no_key_opens(bank):

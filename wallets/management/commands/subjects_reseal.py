@@ -3,12 +3,13 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from institutions.crypto import MalformedKey
-from wallets.services import memberships_reseal
+from wallets.services import subjects_reseal
 
 
 class Command(BaseCommand):
     help = (
-        "Re-encrypt every membership's sealed subject id under the newest key of HUB_ENCRYPTION_KEYS. "
+        "Re-encrypt every sealed subject id (memberships' and outbox messages') under the newest key of "
+        "HUB_ENCRYPTION_KEYS. "
         "Run after putting a new key first; retire the old key once this has finished. Safe to re-run."
     )
 
@@ -23,7 +24,7 @@ class Command(BaseCommand):
             self.stdout.write(f"resealed {done} of {total}")
 
         try:
-            done = memberships_reseal(batch_size=options["batch_size"], progress=progress)
+            done = subjects_reseal(batch_size=options["batch_size"], progress=progress)
         except MalformedKey as exc:
             raise CommandError(str(exc)) from exc
         self.stdout.write(self.style.SUCCESS(f"Done: {done} sealed subject(s) now under the newest key."))
