@@ -10,6 +10,7 @@ the very same answer back.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from django.conf import settings
@@ -297,7 +298,7 @@ class RedemptionsApi(PersonApi, GenericAPIView):
 # --- POST /me/redemptions without DRF, for the plain request -----------------------------------------------
 
 # The Accept headers DRF's negotiation answers with JSON (a client that sends none accepts anything).
-_DIRECT_ACCEPT = frozenset({"", "*/*", "application/json"})
+_DIRECT_ACCEPT = frozenset({"*/*", "application/json"})
 # A redemption's body is some 40 bytes; a larger one is left to DRF (and Django's size limits).
 _DIRECT_MAX_BODY = 1024
 
@@ -313,7 +314,8 @@ def _redemption_post_direct(request: HttpRequest) -> HttpResponse | None:
     serializer and rendering cost about a fifth of its CPU in the web process (docs/performance.md);
     the intake's POST is served the same way."""
     meta = request.META
-    if meta.get("HTTP_ACCEPT", "") not in _DIRECT_ACCEPT or meta.get("CONTENT_TYPE") != "application/json":
+    accept = meta.get("HTTP_ACCEPT")  # absent accepts anything; present but empty is DRF's 406
+    if (accept is not None and accept not in _DIRECT_ACCEPT) or meta.get("CONTENT_TYPE") != "application/json":
         return None
     length = meta.get("CONTENT_LENGTH", "")
     if not length.isdigit() or int(length) > _DIRECT_MAX_BODY:
@@ -329,8 +331,9 @@ def _redemption_post_direct(request: HttpRequest) -> HttpResponse | None:
     if person is None:
         return None
     try:
-        body = json.loads(request.body)
-    except ValueError:
+        # As DRF's parser: UTF-8 only (no BOM), and no NaN or Infinity.
+        body = json.loads(request.body.decode("utf-8"), parse_constant=_not_json)
+    except ValueError:  # UnicodeDecodeError and JSONDecodeError too
         return None
     plain = _plain_redemption(body)
     if plain is None:
@@ -344,13 +347,21 @@ def _redemption_post_direct(request: HttpRequest) -> HttpResponse | None:
         return problem_response(error)
 
 
+# Reward codes are [a-z0-9-]{2,40}; anything else (spaces to trim, NUL, surrogates, ...) is DRF's to judge.
+_PLAIN_REWARD = re.compile(r"[A-Za-z0-9_-]{1,40}")
+
+
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not JSON")
+
+
 def _plain_redemption(body: Any) -> tuple[str, int] | None:
     """(reward, quantity) of a body :class:`RedemptionIn` would take as it is; None for anything it
     would change or refuse (whitespace to trim, numbers as strings, out of range, ...)."""
     if not isinstance(body, dict):
         return None
     reward, quantity = body.get("reward"), body.get("quantity", 1)
-    if not isinstance(reward, str) or not reward or reward != reward.strip() or len(reward) > 40:
+    if not isinstance(reward, str) or not _PLAIN_REWARD.fullmatch(reward):
         return None
     if type(quantity) is not int or not 1 <= quantity <= settings.HUB_REDEMPTION_MAX_QUANTITY:
         return None

@@ -14,6 +14,7 @@ import re
 import uuid
 from collections import defaultdict, deque
 from collections.abc import Iterable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -798,10 +799,22 @@ def redemption_request(
     _quantity_checked(quantity)
     now = now or timezone.now()
     if _hold_in_database():
-        # One statement stores the hold with its answer and webhook: in autocommit its own transaction.
-        outcome = _hold_call(
-            person_id=person.pk, key=key, request_hash=digest, reward_code=reward_code, quantity=quantity, now=now
-        )
+        # One statement stores the hold with its answer and webhook: in autocommit its own transaction
+        # (inside a caller's atomic, a savepoint, so a race refusal leaves the caller's transaction usable).
+        try:
+            with transaction.atomic() if connection.in_atomic_block else nullcontext():
+                outcome = _hold_call(
+                    person_id=person.pk,
+                    key=key,
+                    request_hash=digest,
+                    reward_code=reward_code,
+                    quantity=quantity,
+                    now=now,
+                )
+        except _AnsweredMeanwhile:  # a refusal under the key was stored since the call began
+            answered = _stored_answer(person_id=person.pk, key=key, digest=digest)
+            assert answered is not None, "the key's answer is committed"
+            return answered
         if outcome.kind == "in-flight":
             raise _key_in_flight()
         if outcome.kind == "stored":
@@ -1207,6 +1220,10 @@ def _requested_data(public_id: str, reward: str, points: int, quantity: int) -> 
 # --- The hold in the database (PostgreSQL) ---------------------------------------------------------------
 
 
+class _AnsweredMeanwhile(Exception):
+    """The hold's key got its answer (a refusal) while the hold ran; the hold rolled back (CH003)."""
+
+
 def _hold_in_database() -> bool:
     """Whether holds run as the database function ``settlement_redemption_hold`` (settlement migrations
     0006 and 0007): on PostgreSQL unless ``HUB_REDEMPTION_HOLD_IN_DATABASE`` is off. One statement, with
@@ -1284,6 +1301,8 @@ def _hold_call(
             raise _points_gone() from exc
         if sqlstate == "CH002":
             raise _stock_gone(reward_code) from exc
+        if sqlstate == "CH003":
+            raise _AnsweredMeanwhile from exc
         raise
     # Django's connections load json as text (its JSONField parses it).
     answer = json.loads(returned) if isinstance(returned, str) else returned

@@ -223,9 +223,16 @@ BEGIN
 
     -- The key's answer: a 201's is the redemption as held, rebuilt from its rows when replayed.
     IF p_key IS NOT NULL THEN
+        -- A refusal under this key may have been stored since the check above (refusals are stored
+        -- after their own statement, without the key's lock): then that answer stands, and this hold
+        -- rolls back (CH003; the caller replays the stored answer).
         INSERT INTO settlement_redemptionrequest
                (person_id, key, request_hash, status_code, response, redemption_id, created_at)
-        VALUES (p_person, p_key, p_request_hash, 201, NULL, redemption, p_now);
+        VALUES (p_person, p_key, p_request_hash, 201, NULL, redemption, p_now)
+        ON CONFLICT (person_id, key) DO NOTHING;
+        IF NOT FOUND THEN
+            RAISE EXCEPTION 'key of person % answered meanwhile', p_person USING ERRCODE = 'CH003';
+        END IF;
     END IF;
 
     -- The provider's webhook, its data as settlement.services._requested_data writes it; the person's

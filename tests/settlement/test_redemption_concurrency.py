@@ -18,7 +18,15 @@ from ledger.models import Account, Transfer
 from ledger.selectors import ledger_check
 from settlement.exceptions import InsufficientPoints, OutOfStock, RedemptionRefused
 from settlement.models import Redemption, RedemptionAllocation, RedemptionRequest, Reward
-from settlement.services import _locked, redemption_hold, redemption_reject, redemptions_expire
+from settlement.services import (
+    RedemptionAnswer,
+    _locked,
+    redemption_hold,
+    redemption_reject,
+    redemption_request,
+    redemption_request_hash,
+    redemptions_expire,
+)
 from tests.conftest import make_sender, run_together
 from tests.settlement.conftest import kind_total, lot_balances, make_reward, month_end, redeem
 from tests.wallets.conftest import credit, make_person
@@ -260,3 +268,30 @@ def test_a_capture_in_progress_does_not_lock_the_reward_against_new_holds():
 
         (free,) = run_at_once(1, probe)
     assert free
+
+
+def test_a_refusal_stored_while_a_hold_of_its_key_runs_is_the_keys_answer():
+    """Refusals are stored after their own statement, without the key's lock: a hold with the same key
+    that passed its stored-answer check meanwhile must give way to that answer (the function raises
+    CH003 at its answer's insert) and leave nothing held, not fail on the unique key."""
+    provider = make_sender("coffee-co", provider=True)
+    bank = make_sender("bank-a").institution
+    person, _ = make_person("mei")
+    credit(person.pk, bank.pk, month_end(3), 50_000)
+    make_reward(provider, "coffee", points=10)
+    refused = {"code": "insufficient-points", "status": 409}
+
+    result = hold_against_uncommitted(
+        lambda: RedemptionRequest.objects.create(
+            person=person,
+            key="order-1",
+            request_hash=redemption_request_hash(reward_code="coffee", quantity=1),
+            status_code=409,
+            response=refused,
+        ),
+        lambda: redemption_request(person=person, idempotency_key="order-1", reward_code="coffee", quantity=1),  # type: ignore[arg-type,return-value]
+    )
+
+    assert isinstance(result, RedemptionAnswer)
+    assert (result.status, result.body, result.replayed) == (409, refused, True)
+    assert_nothing_held()
