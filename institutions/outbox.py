@@ -124,8 +124,7 @@ def outbox_enqueue(
 def outbox_message(
     *, institution_id: int, type: str, data: dict[str, Any], subject: str | None = None, subject_sealed: str = ""
 ) -> OutboxMessage:
-    """The webhook as :func:`outbox_enqueue` stores it, not yet saved: for a hot path that inserts it
-    together with its own rows in one statement, and then calls :func:`outbox_deliver_after_commit`.
+    """The webhook as :func:`outbox_enqueue` stores it, not yet saved.
 
     ``subject_sealed``: a person's sealed subject id at the institution, which :func:`outbox_body`
     unseals into ``data.subject`` when the message is sent (``data`` holds null there meanwhile)."""

@@ -416,8 +416,9 @@ class RedemptionAllocation(models.Model):
 class RedemptionRequest(models.Model):
     """The first answer given to ``POST /me/redemptions`` under a person's ``Idempotency-Key``.
 
-    Written in the transaction that made the answer, so a row exists only for a finished request: a
-    request still running is found by its advisory lock, not by a half-written row (see
+    A hold's answer is written in the hold's transaction, so a row exists only for a finished request:
+    a request still running is found by its advisory lock, not by a half-written row. On PostgreSQL a
+    refusal is written just after its check's statement; the first answer stored for a key stands (see
     ``settlement.services.redemption_request``).
     """
 
