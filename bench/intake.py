@@ -152,6 +152,9 @@ def bench_env(args: argparse.Namespace, var_dir: Path) -> dict[str, str]:
         "DJANGO_DEBUG": "0",
         "DJANGO_SECRET_KEY": secrets.token_urlsafe(48),
         "DJANGO_ALLOWED_HOSTS": "127.0.0.1,localhost",
+        # wrk speaks plain HTTP to gunicorn, as the proxy does once it has ended TLS; production's redirect
+        # to HTTPS would answer every request 301 here.
+        "DJANGO_SECURE_SSL_REDIRECT": "0",
         "HUB_ENCRYPTION_KEYS": Fernet.generate_key().decode(),
         "HUB_SUBJECT_KEY": secrets.token_urlsafe(32),
         "CLEARINGHOUSE_VAR_DIR": str(var_dir),
