@@ -55,3 +55,26 @@ def interpolate(value: str, dotenv: Mapping[str, str]) -> str:
 def service_environment(name: str, dotenv: Mapping[str, str]) -> dict[str, str]:
     """What the process of service ``name`` finds in its environment, given a .env of ``dotenv``."""
     return {key: interpolate(value, dotenv) for key, value in environment_of(load_services()[name]).items()}
+
+
+def gunicorn_settings(environment: Mapping[str, str]) -> Any:
+    """gunicorn.conf.py as gunicorn itself reads it in a process with ``environment``: its Config.
+
+    Every public name the file sets must be one of gunicorn's settings: gunicorn ignores the others, so a
+    misspelt one (``keep_alive``) would silently leave the default in force.
+    """
+    import os
+    import runpy
+    from unittest import mock
+
+    from gunicorn.config import Config
+
+    with mock.patch.dict(os.environ, environment, clear=True):
+        namespace = runpy.run_path(str(ROOT / "gunicorn.conf.py"))
+    config = Config()
+    values = {name: value for name, value in namespace.items() if not name.startswith("_") and name != "os"}
+    unknown = sorted(set(values) - set(config.settings))
+    assert not unknown, f"gunicorn.conf.py sets names gunicorn does not know: {unknown}"
+    for name, value in values.items():
+        config.set(name, value)
+    return config
