@@ -16,7 +16,7 @@ settings (DJANGO_DEBUG=0, explicit secrets) on PostgreSQL and Redis:
 Standard library only, so any Python 3.11+ runs it. CI calls it from ``.ci/run``; by hand:
 
     DATABASE_URL=postgres://postgres@127.0.0.1:5432/postgres REDIS_URL=redis://127.0.0.1:6379/0 \\
-        python3 .ci/fresh_install.py [--redis-db 14] [--keep]
+        python3 .ci/fresh_install.py [--redis-db 13] [--keep]
 
 ``DATABASE_URL`` names the server (its database is only used to create and drop this run's own);
 ``REDIS_URL`` the Redis server, whose database number is replaced by ``--redis-db``. pip's cache is reused.
@@ -352,7 +352,7 @@ def main() -> int:
         "--database-url", default=os.environ.get("DATABASE_URL") or "postgres://postgres@127.0.0.1:5432/postgres"
     )
     parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0")
-    parser.add_argument("--redis-db", type=int, default=14, help="Redis database number of this run's broker")
+    parser.add_argument("--redis-db", type=int, default=13, help="Redis database number of this run's broker")
     parser.add_argument("--keep", action="store_true", help="keep the venv and the logs (printed at the end)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="fresh-install-"))
