@@ -337,7 +337,7 @@ def fresh_install(args: argparse.Namespace, work: Path) -> None:
         if not (work / "celerybeat-schedule").exists() and not list(work.glob("celerybeat-schedule*")):
             raise Failed("celery beat is running but wrote no schedule file")
         log("worker, beat and web still running")
-    except Failed:
+    except BaseException:  # a failed step, or anything unforeseen: the services' logs say why
         print(services.logs(), file=sys.stderr)
         raise
     finally:

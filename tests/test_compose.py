@@ -130,7 +130,7 @@ def test_only_the_proxy_is_published_and_it_waits_for_a_healthy_web(services):
     assert proxy["image"].startswith("nginx:")
     assert "./deploy/nginx.conf:/etc/nginx/conf.d/default.conf:ro" in proxy["volumes"]
     assert proxy["ports"] == ["8000:8000"]
-    assert proxy["depends_on"]["web"]["condition"] == "service_healthy"
+    assert proxy["depends_on"]["web"] == {"condition": "service_healthy", "restart": True}
 
 
 def test_the_proxy_reads_requests_whole_within_timeouts():
