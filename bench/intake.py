@@ -105,6 +105,11 @@ def add_server_arguments(parser: argparse.ArgumentParser, *, port: int, db_name:
     parser.add_argument("--keep-db", action="store_true", help="leave the bench database in place afterwards")
     parser.add_argument("--no-docs", action="store_true", help=f"do not rewrite {DOCS_FILE.relative_to(ROOT)}")
     parser.add_argument("--label", default="", help="a note printed with the results (for comparing runs)")
+    parser.add_argument(
+        "--proxy",
+        action="store_true",
+        help="serve as compose does: nginx (deploy/nginx.conf) on --port in front of gunicorn on --port + 1",
+    )
 
 
 def phases_chosen(parser: argparse.ArgumentParser, args: argparse.Namespace, known: tuple[str, ...]) -> None:
@@ -152,6 +157,9 @@ def bench_env(args: argparse.Namespace, var_dir: Path) -> dict[str, str]:
         "DJANGO_DEBUG": "0",
         "DJANGO_SECRET_KEY": secrets.token_urlsafe(48),
         "DJANGO_ALLOWED_HOSTS": "127.0.0.1,localhost",
+        # wrk speaks plain HTTP to gunicorn, as the proxy does once it has ended TLS; production's redirect
+        # to HTTPS would answer every request 301 here.
+        "DJANGO_SECURE_SSL_REDIRECT": "0",
         "HUB_ENCRYPTION_KEYS": Fernet.generate_key().decode(),
         "HUB_SUBJECT_KEY": secrets.token_urlsafe(32),
         "CLEARINGHOUSE_VAR_DIR": str(var_dir),
@@ -383,14 +391,44 @@ class CpuMeter:
 # --- Server and load generator ------------------------------------------------------------------------
 
 
+# nginx processes started by start_server (--proxy); stop_server ends them with gunicorn.
+_proxies: list[subprocess.Popen[bytes]] = []
+
+
+def start_proxy(listen_port: int, upstream_port: int, folder: Path) -> subprocess.Popen[bytes]:
+    """nginx with deploy/nginx.conf as compose mounts it (inside http {}), its two addresses made local."""
+    site = (ROOT / "deploy" / "nginx.conf").read_text()
+    site = site.replace("server web:8000;", f"server 127.0.0.1:{upstream_port};")
+    site = site.replace("listen 8000;", f"listen 127.0.0.1:{listen_port};")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "hub.conf").write_text(site)
+    temp = " ".join(
+        f"{name}_temp_path {folder / name};" for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    (folder / "nginx.conf").write_text(
+        f"worker_processes 1; pid {folder}/nginx.pid; error_log {folder}/error.log warn;\n"
+        f"events {{ worker_connections 4096; }}\n"
+        f"http {{ access_log off; {temp} include {folder}/hub.conf; }}\n"
+    )
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    command = [nginx, "-e", "stderr", "-p", str(folder), "-c", str(folder / "nginx.conf"), "-g", "daemon off;"]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=(folder / "nginx.log").open("wb"))
+
+
 def start_server(args: argparse.Namespace, env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    # With --proxy, clients (wrk) still talk to --port, where nginx listens; gunicorn is one port up.
+    upstream_port = args.port + 1 if getattr(args, "proxy", False) else args.port
     command = [
         sys.executable,
         "-m",
         "gunicorn",
+        # Production's configuration (gunicorn.conf.py); the options below override it only where a run
+        # asks for another server (their defaults are the file's values) and to bind a local port.
+        "--config",
+        str(ROOT / "gunicorn.conf.py"),
         "clearinghouse.wsgi:application",
         "--bind",
-        f"127.0.0.1:{args.port}",
+        f"127.0.0.1:{upstream_port}",
         "--workers",
         str(args.workers),
         "--worker-class",
@@ -408,6 +446,8 @@ def start_server(args: argparse.Namespace, env: dict[str, str], log_path: Path) 
     ]
     log = log_path.open("wb")
     server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    if upstream_port != args.port:
+        _proxies.append(start_proxy(args.port, upstream_port, log_path.parent / "nginx"))
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if server.poll() is not None:
@@ -425,6 +465,10 @@ def start_server(args: argparse.Namespace, env: dict[str, str], log_path: Path) 
 
 
 def stop_server(server: subprocess.Popen[bytes]) -> None:
+    while _proxies:
+        proxy = _proxies.pop()
+        proxy.terminate()
+        proxy.wait(timeout=20)
     if server.poll() is None:
         server.send_signal(signal.SIGTERM)
         try:
@@ -717,6 +761,8 @@ def render(
         f"gunicorn `--worker-class {args.worker_class} --workers {args.workers} --threads {args.threads}"
         f" --keep-alive 30`, `DJANGO_DEBUG=0`, persistent DB connections (`DB_CONN_MAX_AGE` 60)"
     )
+    if args.proxy:
+        server += "; behind nginx (`deploy/nginx.conf`, one worker process), as compose serves it"
     lines = [
         MARK_START,
         "",

@@ -53,6 +53,7 @@ def main() -> None:
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "clearinghouse.settings")
     os.environ["DJANGO_DEBUG"] = "0"
     os.environ.setdefault("DJANGO_SECRET_KEY", "bench-only-secret-key-not-for-production-use-0123456789")
+    os.environ.setdefault("DJANGO_ALLOWED_HOSTS", "127.0.0.1,localhost")  # required with DJANGO_DEBUG=0
     import django
 
     django.setup()

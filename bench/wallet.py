@@ -72,6 +72,7 @@ def main() -> None:
     os.environ["DJANGO_SETTINGS_MODULE"] = "bench.settings_bench"
     os.environ["DJANGO_DEBUG"] = "0"
     os.environ.setdefault("DJANGO_SECRET_KEY", "bench-only-secret-key-not-for-production-use-0123456789")
+    os.environ.setdefault("DJANGO_ALLOWED_HOSTS", "127.0.0.1,localhost")  # required with DJANGO_DEBUG=0
     import django
 
     django.setup()

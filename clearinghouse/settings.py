@@ -8,6 +8,7 @@ in process, generated development secrets. Production sets ``DATABASE_URL``, ``R
 from __future__ import annotations
 
 import os
+import re
 from datetime import time
 from pathlib import Path
 
@@ -33,6 +34,19 @@ def env_int(name: str, default: int) -> int:
     return int(value) if value else default
 
 
+def env_proxy_ssl_header(name: str) -> tuple[str, str] | None:
+    """``HTTP_X_FORWARDED_PROTO,https`` -> ``("HTTP_X_FORWARDED_PROTO", "https")``; unset -> None."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return None
+    header, _, expected = (part.strip() for part in value.partition(","))
+    if not re.fullmatch(r"HTTP_[A-Z0-9_]+", header) or not expected:
+        raise ImproperlyConfigured(
+            f"{name} must read HTTP_<HEADER>,<value> (for example HTTP_X_FORWARDED_PROTO,https), not {value!r}."
+        )
+    return header, expected
+
+
 # --- Core -------------------------------------------------------------------------------------------
 
 DEBUG = env_flag("DJANGO_DEBUG", default=True)
@@ -42,7 +56,15 @@ if not SECRET_KEY:
         raise ImproperlyConfigured("DJANGO_SECRET_KEY is required when DJANGO_DEBUG is off.")
     SECRET_KEY = dev_secret("DJANGO_SECRET_KEY", VAR_DIR)
 
-ALLOWED_HOSTS = [h for h in os.environ.get("DJANGO_ALLOWED_HOSTS", "*").split(",") if h]
+# The host names this hub answers to. A development hub answers to any; a production one only to those it
+# is told, so a forged Host header cannot steer the absolute URLs it builds (the HTTPS redirect among them).
+_allowed_hosts = os.environ.get("DJANGO_ALLOWED_HOSTS") or ("*" if DEBUG else "")
+ALLOWED_HOSTS = [host.strip() for host in _allowed_hosts.split(",") if host.strip()]
+if not ALLOWED_HOSTS:
+    raise ImproperlyConfigured(
+        "DJANGO_ALLOWED_HOSTS is required when DJANGO_DEBUG is off: the host names this hub answers to, "
+        "comma separated (for example hub.example.org,127.0.0.1; 127.0.0.1 for health probes on loopback)."
+    )
 
 INSTALLED_APPS = [
     "django.contrib.admin",
@@ -97,6 +119,33 @@ USE_TZ = True
 STATIC_URL = "static/"
 STATIC_ROOT = VAR_DIR / "static"
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# --- HTTPS, cookies and the proxy in front (production) ------------------------------------------------
+
+# Production is served over HTTPS only, with TLS ended by the proxy in front (deploy/nginx.conf, or a load
+# balancer before it). Django learns the client's scheme from the header that proxy sets, named here as
+# "HTTP_<HEADER>,<value>", e.g. HTTP_X_FORWARDED_PROTO,https. Only name a header the proxy always
+# overwrites: a client that could set it itself could pass plain HTTP off as HTTPS.
+SECURE_PROXY_SSL_HEADER = env_proxy_ssl_header("DJANGO_SECURE_PROXY_SSL_HEADER")
+SECURE_SSL_REDIRECT = env_flag("DJANGO_SECURE_SSL_REDIRECT", default=not DEBUG)
+# Probes (compose's healthcheck, a cluster's liveness and readiness checks) speak plain HTTP to the
+# process itself, inside the network: a redirect to HTTPS would read to them as a failure.
+SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$"]
+# Browsers that saw the hub over HTTPS once refuse plain HTTP to it for this long. The header is only
+# sent on HTTPS answers, so a development hub on http://127.0.0.1 never pins anything. Preload only says
+# the domain consents to browsers' preload lists; getting onto them is a separate request by the operator.
+SECURE_HSTS_SECONDS = env_int("DJANGO_SECURE_HSTS_SECONDS", 0 if DEBUG else 365 * 24 * 3600)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env_flag("DJANGO_SECURE_HSTS_INCLUDE_SUBDOMAINS", default=True)
+SECURE_HSTS_PRELOAD = env_flag("DJANGO_SECURE_HSTS_PRELOAD", default=True)
+# Cookies travel over HTTPS only in production (make run's plain-HTTP hub keeps them usable), are out of
+# scripts' reach (no page of the hub reads either from JavaScript: forms carry the CSRF token), and stay
+# home on cross-site subrequests.
+SESSION_COOKIE_SECURE = not DEBUG
+CSRF_COOKIE_SECURE = not DEBUG
+SESSION_COOKIE_HTTPONLY = True
+CSRF_COOKIE_HTTPONLY = True
+SESSION_COOKIE_SAMESITE = "Lax"
+CSRF_COOKIE_SAMESITE = "Lax"
 
 # --- Database ---------------------------------------------------------------------------------------
 

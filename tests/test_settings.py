@@ -1,6 +1,10 @@
 """Settings: the Celery reliability model (DESIGN.md) and the environment of CONTRACT.md section 7."""
 
+import os
 import runpy
+import secrets
+import subprocess
+import sys
 from datetime import date, datetime, time, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -8,6 +12,7 @@ from zoneinfo import ZoneInfo
 import pytest
 from celery.schedules import crontab
 from django.core.exceptions import ImproperlyConfigured
+from django.test import override_settings
 
 from clearinghouse.celery import app as celery_app
 from institutions import tasks
@@ -24,6 +29,12 @@ ENVIRONMENT = [
     "HUB_SUBJECT_KEY",
     "DB_IDLE_IN_TRANSACTION_TIMEOUT_MS",
     "DB_PREPARED_STATEMENTS",
+    "DJANGO_ALLOWED_HOSTS",
+    "DJANGO_SECURE_PROXY_SSL_HEADER",
+    "DJANGO_SECURE_SSL_REDIRECT",
+    "DJANGO_SECURE_HSTS_SECONDS",
+    "DJANGO_SECURE_HSTS_INCLUDE_SUBDOMAINS",
+    "DJANGO_SECURE_HSTS_PRELOAD",
 ]
 
 
@@ -145,7 +156,9 @@ def test_the_hubs_own_connections_carry_the_idle_timeout():
 def test_the_secret_key_is_required_when_debug_is_off(load_settings):
     with pytest.raises(ImproperlyConfigured, match="DJANGO_SECRET_KEY"):
         load_settings(DJANGO_DEBUG="0")
-    loaded = load_settings(DJANGO_DEBUG="0", DJANGO_SECRET_KEY="s3cret-from-the-environment")
+    loaded = load_settings(
+        DJANGO_DEBUG="0", DJANGO_SECRET_KEY="s3cret-from-the-environment", DJANGO_ALLOWED_HOSTS="hub.example.org"
+    )
     assert loaded["DEBUG"] is False and loaded["SECRET_KEY"] == "s3cret-from-the-environment"
 
 
@@ -180,3 +193,160 @@ def test_the_daily_runs_follow_the_standards_local_time_across_daylight_saving(l
             due = crontab(hour=schedule.hour, minute=schedule.minute, app=app, nowfun=lambda now=now: now)
             next_run = (now + due.remaining_estimate(last_run)).astimezone(berlin)
             assert (next_run.date(), next_run.time()) == (day, local), (name, day, next_run)
+
+
+# --- Production: the hosts it answers to, HTTPS behind the proxy, cookies (issue 11) -------------------
+
+PRODUCTION = {"DJANGO_DEBUG": "0", "DJANGO_SECRET_KEY": "s3cret-from-the-environment"}
+HTTPS_SETTINGS = [
+    "SECURE_SSL_REDIRECT",
+    "SECURE_REDIRECT_EXEMPT",
+    "SECURE_PROXY_SSL_HEADER",
+    "SECURE_HSTS_SECONDS",
+    "SECURE_HSTS_INCLUDE_SUBDOMAINS",
+    "SECURE_HSTS_PRELOAD",
+]
+
+
+def test_allowed_hosts_are_required_when_debug_is_off(load_settings):
+    """No ``*`` by default in production: a forged Host would steer the URLs the hub builds."""
+    for missing in ({}, {"DJANGO_ALLOWED_HOSTS": ""}, {"DJANGO_ALLOWED_HOSTS": " , "}):
+        with pytest.raises(ImproperlyConfigured, match="DJANGO_ALLOWED_HOSTS is required when DJANGO_DEBUG is off"):
+            load_settings(**PRODUCTION, **missing)
+    loaded = load_settings(**PRODUCTION, DJANGO_ALLOWED_HOSTS="hub.example.org, 127.0.0.1")
+    assert loaded["ALLOWED_HOSTS"] == ["hub.example.org", "127.0.0.1"]
+
+
+def test_a_development_hub_answers_any_host_over_plain_http(load_settings):
+    loaded = load_settings()
+    assert loaded["ALLOWED_HOSTS"] == ["*"]
+    assert loaded["SECURE_SSL_REDIRECT"] is False and loaded["SECURE_HSTS_SECONDS"] == 0
+    assert loaded["SESSION_COOKIE_SECURE"] is False and loaded["CSRF_COOKIE_SECURE"] is False
+
+
+def test_production_is_https_only_with_secure_cookies(load_settings):
+    loaded = load_settings(**PRODUCTION, DJANGO_ALLOWED_HOSTS="hub.example.org")
+    assert loaded["SECURE_SSL_REDIRECT"] is True
+    assert loaded["SECURE_HSTS_SECONDS"] == 365 * 24 * 3600
+    assert loaded["SECURE_HSTS_INCLUDE_SUBDOMAINS"] is True and loaded["SECURE_HSTS_PRELOAD"] is True
+    for cookie in ("SESSION", "CSRF"):
+        assert loaded[f"{cookie}_COOKIE_SECURE"] is True
+        assert loaded[f"{cookie}_COOKIE_HTTPONLY"] is True
+        assert loaded[f"{cookie}_COOKIE_SAMESITE"] == "Lax"
+    assert loaded["SECURE_PROXY_SSL_HEADER"] is None  # trusted only when named
+
+
+def test_hsts_and_the_redirect_come_from_the_environment(load_settings):
+    loaded = load_settings(
+        **PRODUCTION,
+        DJANGO_ALLOWED_HOSTS="hub.example.org",
+        DJANGO_SECURE_SSL_REDIRECT="0",
+        DJANGO_SECURE_HSTS_SECONDS="3600",
+        DJANGO_SECURE_HSTS_INCLUDE_SUBDOMAINS="0",
+        DJANGO_SECURE_HSTS_PRELOAD="0",
+    )
+    assert loaded["SECURE_SSL_REDIRECT"] is False and loaded["SECURE_HSTS_SECONDS"] == 3600
+    assert loaded["SECURE_HSTS_INCLUDE_SUBDOMAINS"] is False and loaded["SECURE_HSTS_PRELOAD"] is False
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("HTTP_X_FORWARDED_PROTO,https", ("HTTP_X_FORWARDED_PROTO", "https")),
+        (" HTTP_X_FORWARDED_SSL , on ", ("HTTP_X_FORWARDED_SSL", "on")),
+    ],
+)
+def test_the_proxys_scheme_header_is_read_from_the_environment(load_settings, value, expected):
+    loaded = load_settings(DJANGO_SECURE_PROXY_SSL_HEADER=value)
+    assert loaded["SECURE_PROXY_SSL_HEADER"] == expected
+
+
+@pytest.mark.parametrize("value", ["X-Forwarded-Proto,https", "HTTP_X_FORWARDED_PROTO", "HTTP_X_FORWARDED_PROTO,"])
+def test_a_malformed_proxy_header_stops_the_start(load_settings, value):
+    with pytest.raises(ImproperlyConfigured, match="DJANGO_SECURE_PROXY_SSL_HEADER must read HTTP_<HEADER>,<value>"):
+        load_settings(DJANGO_SECURE_PROXY_SSL_HEADER=value)
+
+
+@pytest.mark.django_db
+def test_probes_over_plain_http_are_answered_and_the_rest_is_sent_to_https(load_settings, client):
+    """Health probes speak plain HTTP inside the cluster: a redirect would read to them as a failure."""
+    production = load_settings(
+        **PRODUCTION,
+        DJANGO_ALLOWED_HOSTS="testserver",
+        DJANGO_SECURE_PROXY_SSL_HEADER="HTTP_X_FORWARDED_PROTO,https",
+    )
+    with override_settings(**{name: production[name] for name in HTTPS_SETTINGS}):
+        assert client.get("/healthz").status_code == 200
+        assert client.get("/readyz").status_code == 200
+        for path in ("/api/v1/hub/keys", "/healthz/", "/readyzz"):  # exempt are the two paths, exactly
+            plain = client.get(path)
+            assert plain.status_code == 301, path
+            assert plain["Location"] == f"https://testserver{path}"
+        proxied = client.get("/api/v1/hub/keys", HTTP_X_FORWARDED_PROTO="https")
+        assert proxied.status_code == 200
+        assert proxied["Strict-Transport-Security"] == "max-age=31536000; includeSubDomains; preload"
+        assert "Strict-Transport-Security" not in client.get("/healthz")  # never over plain HTTP
+
+
+# --- check --deploy, in a process of its own, with compose's production environment ------------------
+
+
+def compose_web_environment(tmp_path: Path, **dotenv: str) -> dict[str, str]:
+    """What compose's web process gets, given a .env with the secrets (and ``dotenv``), plus PATH."""
+    from cryptography.fernet import Fernet
+
+    from tests.compose_file import service_environment
+
+    secrets_of_dotenv = {
+        "DJANGO_SECRET_KEY": secrets.token_urlsafe(50),
+        "HUB_ENCRYPTION_KEYS": Fernet.generate_key().decode(),
+        "HUB_SUBJECT_KEY": secrets.token_urlsafe(32),
+    }
+    environment = service_environment("web", {**secrets_of_dotenv, **dotenv})
+    return {
+        **environment,
+        "PATH": os.environ["PATH"],
+        "CLEARINGHOUSE_VAR_DIR": str(tmp_path),
+        "DJANGO_SETTINGS_MODULE": "clearinghouse.settings",
+    }
+
+
+def manage(environment: dict[str, str], *arguments: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(  # noqa: S603 (our own manage.py)
+        [sys.executable, "manage.py", *arguments],
+        env=environment,
+        cwd=SETTINGS_FILE.parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_check_deploy_passes_with_no_warning_under_production_settings(tmp_path):
+    environment = compose_web_environment(tmp_path)
+    assert environment["DJANGO_DEBUG"] == "0"
+    result = manage(environment, "check", "--deploy", "--fail-level", "WARNING")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "System check identified no issues" in result.stdout
+
+
+def test_check_deploy_fails_the_run_on_a_warning(tmp_path):
+    """The check above can fail: plain HTTP allowed in production is a warning, and a warning fails it."""
+    result = manage(
+        compose_web_environment(tmp_path, DJANGO_SECURE_SSL_REDIRECT="0"),
+        "check",
+        "--deploy",
+        "--fail-level",
+        "WARNING",
+    )
+    assert result.returncode != 0
+    assert "security.W008" in result.stderr
+
+
+def test_without_allowed_hosts_production_refuses_to_start_and_says_why(tmp_path):
+    environment = compose_web_environment(tmp_path)
+    del environment["DJANGO_ALLOWED_HOSTS"]
+    result = manage(environment, "check")
+    assert result.returncode != 0
+    assert "ImproperlyConfigured: DJANGO_ALLOWED_HOSTS is required when DJANGO_DEBUG is off" in result.stderr

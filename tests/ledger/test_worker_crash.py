@@ -136,6 +136,7 @@ class Workers:
             "DJANGO_SETTINGS_MODULE": "clearinghouse.settings",
             "DJANGO_DEBUG": "0",
             "DJANGO_SECRET_KEY": settings.SECRET_KEY,
+            "DJANGO_ALLOWED_HOSTS": "127.0.0.1",
             "HUB_ENCRYPTION_KEYS": ",".join(settings.HUB_ENCRYPTION_KEYS),
             "HUB_SUBJECT_KEY": settings.HUB_SUBJECT_KEY,
             "HUB_REDIS_KEY_PREFIX": settings.HUB_REDIS_KEY_PREFIX,
