@@ -173,8 +173,11 @@ class EventStatusApi(APIView):
         institution = request.auth
         assert isinstance(institution, Institution)  # set by InstitutionTokenAuthentication
         # A token sees only its own institution: another code answers like a missing event.
+        # Only what the answer shows: a row whose other values cannot be read back still answers.
         event = (
-            InboxEvent.objects.filter(institution=institution, event_id=event_id).first()
+            InboxEvent.objects.filter(institution=institution, event_id=event_id)
+            .only("event_id", "type", "status", "outcome", "last_error")
+            .first()
             if institution.code == code
             else None
         )
