@@ -101,6 +101,7 @@ def _process_isolating(event_type: str, ids: list[int], tally: Counter[str]) -> 
         if not _database_answers():
             raise  # not a row's doing: the drain stops, the leases run out, the rows are claimed again
         if len(ids) == 1:
+            logger.warning("inbox: event %s failed", ids[0], exc_info=exc)
             tally[_record_failure(ids[0], exc)] += 1
             return
         logger.warning(
