@@ -48,7 +48,6 @@ LATEST_TIME = datetime(9999, 12, 31, tzinfo=UTC) - timedelta(microseconds=1)
 # PostgreSQL refuses a UTC offset of 16 hours or more ("time zone displacement out of range"); Python
 # takes anything under 24. Every real zone lies within -12:00 and +14:00.
 MAX_UTC_OFFSET = timedelta(hours=16)
-_MINUTE = timedelta(minutes=1)
 
 Error = dict[str, str]
 
@@ -174,17 +173,15 @@ def _parse_time(value: Any) -> tuple[datetime | None, str | None]:
         return None, "invalid_rfc3339"
     offset = moment.utcoffset()
     # RFC 3339 offsets are hours and minutes; PostgreSQL refuses a fraction of a second in one.
-    if offset is None or offset % _MINUTE:
+    # (``seconds`` counts from the start of the offset's day, so it is whole minutes for -05:30 too.)
+    if offset is None or offset.seconds % 60 or offset.microseconds:
         return None, "invalid_rfc3339"
-    if abs(offset) >= MAX_UTC_OFFSET:
+    if not -MAX_UTC_OFFSET < offset < MAX_UTC_OFFSET:
         return None, "out_of_range"
-    try:
-        moment = moment.astimezone(UTC)
-    except OverflowError:  # before year 1 or after 9999 in UTC
-        return None, "out_of_range"
+    # Compared before converting: aware comparisons subtract the offsets and cannot overflow.
     if not EARLIEST_TIME <= moment <= LATEST_TIME:
         return None, "out_of_range"
-    return moment, None
+    return (moment.astimezone(UTC) if offset else moment), None
 
 
 # Any character for which str.isspace() is true (the same set), found in C rather than per character
