@@ -419,7 +419,7 @@ def _sqlstate(exc: BaseException) -> str:
     return ""
 
 
-def failure_kind(exc: BaseException) -> str:
+def _failure_kind(exc: BaseException) -> str:
     """What a failed INSERT says about the rows in it.
 
     ``VALUE``: the database (or the driver, encoding a parameter) refused a value: SQLSTATE class 22 or
@@ -444,7 +444,7 @@ def _insert_apart(entries: list[Entry], failure: BaseException | None = None) ->
     ``failure``: the error the statement holding all of ``entries`` already raised (skips trying them
     again). Every half stored is committed on its own (in autocommit) or in its own savepoint, so a
     refused row costs ``O(log n)`` statements and the good rows are stored all the same. Raises any
-    failure that is not a refused value (:func:`failure_kind`): the caller answers 503.
+    failure that is not a refused value (:func:`_failure_kind`): the caller answers 503.
     """
     if failure is None:
         try:
@@ -453,7 +453,7 @@ def _insert_apart(entries: list[Entry], failure: BaseException | None = None) ->
                     return Stored(_insert_rows(entries))
             return Stored(_insert_rows(entries))
         except Exception as exc:
-            if failure_kind(exc) != VALUE:
+            if _failure_kind(exc) != VALUE:
                 raise
             failure = exc
     if len(entries) == 1:
@@ -500,7 +500,7 @@ class _GroupCommit:
     and compares hashes as it would against any earlier request.
 
     One request's rows must not fail the others': when the shared statement fails for anything but an
-    outage (:func:`failure_kind`), each request's rows are inserted again on their own
+    outage (:func:`_failure_kind`), each request's rows are inserted again on their own
     (:func:`_insert_apart`), so each request answers for its own rows only: stored, refused per event,
     or 503 for its own failure. An outage fails every request of the statement (each answers 503).
     """
@@ -547,7 +547,7 @@ class _GroupCommit:
             try:
                 inserted = _insert_rows(entries)
             except Exception as exc:
-                kind = failure_kind(exc)
+                kind = _failure_kind(exc)
                 if kind == OUTAGE or (kind == OTHER and len(jobs) == 1):
                     raise
                 logger.warning("intake: a statement of %d requests failed (%r); storing each apart", len(jobs), exc)

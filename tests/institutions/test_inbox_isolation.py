@@ -15,7 +15,7 @@ from decimal import Decimal
 
 import pytest
 from django.db import connection
-from django.test import override_settings
+from django.test import Client, override_settings
 from django.utils import timezone
 
 from institutions import crypto, inbox, tasks
@@ -301,3 +301,29 @@ def test_the_limits_follow_the_columns():
 
     assert Decimal("999999999999999999.9999999999995") == services.QUANTITY_LIMIT  # numeric(30, 12)
     assert Decimal("999999999999999999.9999999999999999995") == services.GRAMS_LIMIT  # numeric(36, 18)
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_a_row_whose_handler_loses_the_connection_fails_alone_and_the_drain_reconnects(activity_handler, monkeypatch):
+    from institutions import handlers, intake
+    from tests.conftest import make_sender
+
+    monkeypatch.setattr(intake, "_kick_processing", lambda: None)  # the drain runs below, not in the request
+
+    def handler(events):
+        if any(event.event_id == "killer" for event in events):
+            with connection.cursor() as cursor:  # the server ends this session mid-run
+                cursor.execute("SELECT pg_terminate_backend(pg_backend_pid())")
+        return activity_handler(events)
+
+    handlers.unregister("carbon.activity.recorded")
+    handlers.register("carbon.activity.recorded")(handler)
+    sender = make_sender("bank-a")
+    client = Client()
+    send(client, sender, [activity(f"e{i}") for i in range(5)] + [activity("killer")] + [activity("e5")])
+
+    assert inbox.inbox_drain() == {"processed": 6, "received": 1}
+    status, attempts, error = status_of("killer")
+    assert (status, attempts) == ("received", 1) and error.startswith("OperationalError")
+    assert set(InboxEvent.objects.exclude(event_id="killer").values_list("status", flat=True)) == {"processed"}
