@@ -199,7 +199,7 @@ def _failure_save(pk: int, message: str, *, final: bool) -> str:
             changes.update(status=Status.DEAD, processed_at=now)
             if final:
                 changes.update(_unreadable_time_cleared(pk, message))
-            logger.error("inbox: event %s is dead after %d attempts: %s", pk, attempts, changes["last_error"])
+            logger.error("inbox: event %s is dead (attempt %d): %s", pk, attempts, changes["last_error"])
         else:
             changes["available_at"] = now + timedelta(seconds=5 * 2**attempts)
         InboxEvent.objects.filter(pk=pk).update(**changes)
@@ -225,8 +225,8 @@ def _unreadable_time_cleared(pk: int, message: str) -> dict[str, object]:
     )
     if text is None:
         return {}
-    note = f"{message} [time {text} is outside years 1 to 9999 and was cleared]"
-    return {"time": None, "last_error": note[:2000]}
+    note = f" [time {text} is outside years 1 to 9999 and was cleared]"
+    return {"time": None, "last_error": message[: 2000 - len(note)] + note}
 
 
 def _storable_text(text: str) -> str:
