@@ -8,6 +8,8 @@ stored (202), a batch refused whole is 422, and nothing is written for a refused
 
 from __future__ import annotations
 
+from datetime import datetime
+
 import pytest
 
 from institutions.envelope import MAX_BIGINT
@@ -91,8 +93,6 @@ def test_an_offset_with_seconds_is_not_rfc3339(client, bank, offset):
 def test_offsets_up_to_15_59_are_accepted_and_stored_as_the_same_instant(client, bank, offset):
     event = {**activity("offset"), "time": f"2026-11-24T08:00:00{offset}"}
     assert results_of(client, bank, event) == [{"id": "offset", "status": "accepted"}]
-    from datetime import datetime
-
     stored = InboxEvent.objects.get(event_id="offset").time
     assert stored == datetime.fromisoformat(event["time"])
 
