@@ -83,6 +83,16 @@ class EventIntakeApi(APIView):
     @extend_schema(
         operation_id="events_push",
         summary="Push signed CloudEvents (single or batch)",
+        description=(
+            "Each event is checked alone; one refused is `rejected` in the 202 results, with errors naming "
+            "the field (422 when every event is refused). Beyond the contract, values the hub cannot store "
+            "and read back are refused: `time` must carry a UTC offset of whole minutes under 16 hours and "
+            "fall, in UTC, from 0001-01-02T00:00:00Z to 9999-12-30T23:59:59.999999Z (`out_of_range`; an "
+            "offset with seconds is `invalid_rfc3339`); `data.quantity` a positive decimal up to 1E+12 with "
+            "at most 12 decimal places; `data.issuer_points` an integer from 0 to 2^63 - 1. An activity whose "
+            "measure the books cannot hold (1E+18 or more in its unit or grams, a credit over 1E+12 mg, points "
+            "expiring after 9999) is quarantined with reason `out_of_range`."
+        ),
         parameters=_SIGNATURE_HEADERS,
         request={
             intake.SINGLE: OpenApiTypes.OBJECT,
@@ -173,8 +183,11 @@ class EventStatusApi(APIView):
         institution = request.auth
         assert isinstance(institution, Institution)  # set by InstitutionTokenAuthentication
         # A token sees only its own institution: another code answers like a missing event.
+        # Only what the answer shows: a row whose other values cannot be read back still answers.
         event = (
-            InboxEvent.objects.filter(institution=institution, event_id=event_id).first()
+            InboxEvent.objects.filter(institution=institution, event_id=event_id)
+            .only("event_id", "type", "status", "outcome", "last_error")
+            .first()
             if institution.code == code
             else None
         )

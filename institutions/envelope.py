@@ -12,7 +12,7 @@ import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -37,6 +37,17 @@ MAX_SOURCE = 512
 MAX_TEXT = 256
 # Quantities beyond this are not a person's daily act; they are a sender bug or an attack.
 MAX_QUANTITY = Decimal("1e12")
+# What the columns behind the data fields hold (docs/decisions.md, "Only what can be stored and read
+# back"): ``issuer_points`` ends in a bigint column.
+MAX_BIGINT = 2**63 - 1
+# ``time``'s UTC instant: PostgreSQL stores 4713 BC to 294276 AD, Python (and so psycopg, reading it
+# back) only years 1 to 9999. A day less at either end keeps the act's local date, in any time zone
+# (the standard's days, pages in the reader's zone), inside years 1 to 9999 as well.
+EARLIEST_TIME = datetime(1, 1, 2, tzinfo=UTC)
+LATEST_TIME = datetime(9999, 12, 31, tzinfo=UTC) - timedelta(microseconds=1)
+# PostgreSQL refuses a UTC offset of 16 hours or more ("time zone displacement out of range"); Python
+# takes anything under 24. Every real zone lies within -12:00 and +14:00.
+MAX_UTC_OFFSET = timedelta(hours=16)
 
 Error = dict[str, str]
 
@@ -112,6 +123,8 @@ def _non_negative_int(value: Any) -> tuple[Any, str | None]:
         return value, "invalid_integer"
     if value < 0:
         return value, "negative"
+    if value > MAX_BIGINT:
+        return value, "out_of_range"
     return value, None
 
 
@@ -146,14 +159,29 @@ DATA_SCHEMAS: dict[str, dict[str, tuple[Check, bool]]] = {
 EVENT_TYPES = frozenset(DATA_SCHEMAS)
 
 
-def _parse_time(value: Any) -> datetime | None:
+def _parse_time(value: Any) -> tuple[datetime | None, str | None]:
+    """The instant ``value`` names, in UTC, or the error code that refuses it.
+
+    The instant is kept in UTC: the database then never parses an offset, and the stored value is the
+    same instant as the one sent.
+    """
     if not isinstance(value, str) or "T" not in value.upper():
-        return None
+        return None, "invalid_rfc3339"
     try:
         moment = datetime.fromisoformat(value)
     except ValueError:
-        return None
-    return moment if moment.tzinfo is not None else None
+        return None, "invalid_rfc3339"
+    offset = moment.utcoffset()
+    # RFC 3339 offsets are hours and minutes; PostgreSQL refuses a fraction of a second in one.
+    # (``seconds`` counts from the start of the offset's day, so it is whole minutes for -05:30 too.)
+    if offset is None or offset.seconds % 60 or offset.microseconds:
+        return None, "invalid_rfc3339"
+    if not -MAX_UTC_OFFSET < offset < MAX_UTC_OFFSET:
+        return None, "out_of_range"
+    # Compared before converting: aware comparisons subtract the offsets and cannot overflow.
+    if not EARLIEST_TIME <= moment <= LATEST_TIME:
+        return None, "out_of_range"
+    return (moment.astimezone(UTC) if offset else moment), None
 
 
 # Any character for which str.isspace() is true (the same set), found in C rather than per character
@@ -218,9 +246,9 @@ def validate_event(event: dict[str, Any]) -> EventVerdict:
 
     moment = None
     if "time" in event:
-        moment = _parse_time(event["time"])
-        if moment is None:
-            errors.append({"field": "time", "code": "invalid_rfc3339"})
+        moment, problem = _parse_time(event["time"])
+        if problem:
+            errors.append({"field": "time", "code": problem})
     elif event_type in TIME_REQUIRED:
         errors.append({"field": "time", "code": "missing"})
 

@@ -6,9 +6,14 @@ Exactly-once effect on top of at-least-once delivery (DESIGN.md, reliability mod
   PostgreSQL), counting the attempt in the database *before* any work. A row whose handler kills
   the worker therefore still uses up its attempts, and goes ``dead`` instead of looping forever.
 * **Process** runs a handler over a run of same-type rows in one transaction with the rows locked,
-  so the handler's writes and the row's new status commit together or not at all. When a batch
-  raises, its rows are retried one by one to isolate the failing row; a failing row waits with
-  backoff (``available_at``) and goes ``dead`` after ``HUB_INBOX_MAX_ATTEMPTS``.
+  so the handler's writes and the row's new status commit together or not at all.
+* **Isolate**: whatever one row does (a handler raising anything, a value the database cannot hold,
+  a row that cannot even be read back), it fails alone. A run that raises is split in halves, each
+  processed on its own, down to the failing rows; every other row of the run is processed as if
+  nothing had happened. A failing row waits with backoff (``available_at``) and goes ``dead`` after
+  ``HUB_INBOX_MAX_ATTEMPTS``, or at once when the database refused its values (``DataError``:
+  waiting cannot change them). Recording a failure reads nothing but the attempt count, and a
+  failure to record one is logged, never raised: the drain never dies on a row.
 * A leased row whose worker vanished becomes claimable again when its lease runs out, and the
   beat sweeper re-enqueues work for rows left ``received``.
 
@@ -20,12 +25,13 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from itertools import groupby
 
 from django.conf import settings
-from django.db import transaction
-from django.db.models import F
+from django.db import DataError, connection, transaction
+from django.db.models import F, Q, TextField
+from django.db.models.functions import Cast
 from django.utils import timezone
 
 from clearinghouse.db import rows_update
@@ -71,22 +77,58 @@ def inbox_process(ids: Sequence[int]) -> Counter[str]:
     """Dispatch the claimed rows ``ids``; returns how many ended in each status.
 
     Consecutive rows of one type form a run handled together; runs keep the order of arrival, so
-    a link followed by an activity of the same subject is applied in that order.
+    a link followed by an activity of the same subject is applied in that order. A failing row
+    fails alone (:func:`_process_isolating`). Raises only when the database itself is gone.
     """
     tally: Counter[str] = Counter()
     rows = list(InboxEvent.objects.filter(pk__in=ids).order_by("id").values_list("id", "type"))
     for event_type, run in groupby(rows, key=lambda row: row[1]):
-        run_ids = [pk for pk, _ in run]
-        try:
-            tally.update(_process_run(event_type, run_ids))
-        except Exception:
-            logger.warning("inbox: a run of %d %s failed; retrying one by one", len(run_ids), event_type, exc_info=True)
-            for pk in run_ids:
-                try:
-                    tally.update(_process_run(event_type, [pk]))
-                except Exception as exc:
-                    tally[_record_failure(pk, exc)] += 1
+        _process_isolating(event_type, [pk for pk, _ in run], tally)
     return tally
+
+
+def _process_isolating(event_type: str, ids: list[int], tally: Counter[str]) -> None:
+    """Process ``ids`` as one run; if it raises, process each half on its own, down to single rows,
+    whose failure is recorded (:func:`_record_failure`).
+
+    Halving keeps arrival order and finds one failing row among ``n`` in about ``2 log2 n`` runs
+    instead of ``n``; in the common case (nothing fails) the run is one transaction, as before.
+    """
+    try:
+        tally.update(_process_run(event_type, ids))
+        return
+    except Exception as exc:
+        if not _database_answers():
+            raise  # not a row's doing: the drain stops, the leases run out, the rows are claimed again
+        if len(ids) == 1:
+            logger.warning("inbox: event %s failed", ids[0], exc_info=exc)
+            tally[_record_failure(ids[0], exc)] += 1
+            return
+        logger.warning(
+            "inbox: a run of %d %s failed (%s: %s); isolating the failing rows",
+            len(ids),
+            event_type,
+            type(exc).__name__,
+            exc,
+        )
+    middle = len(ids) // 2
+    _process_isolating(event_type, ids[:middle], tally)
+    _process_isolating(event_type, ids[middle:], tally)
+
+
+def _database_answers() -> bool:
+    """After a failed run: can the database still be used? A lost connection is opened again once."""
+    try:
+        if connection.connection is not None and connection.is_usable():
+            return True
+        if connection.in_atomic_block:  # a caller's transaction (tests): it cannot be reopened here
+            return False
+        connection.close()
+        connection.ensure_connection()
+        return True
+    except Exception:
+        logger.warning("inbox: the database does not answer; stopping this drain", exc_info=True)
+        return False
 
 
 @transaction.atomic
@@ -120,19 +162,77 @@ def _outcomes_save(events: Sequence[InboxEvent], outcomes: Sequence[Outcome]) ->
 
 
 def _record_failure(pk: int, exc: Exception) -> str:
-    """Note the error and schedule the next try with backoff, or give up and mark the row dead."""
-    message = f"{type(exc).__name__}: {exc}"[:2000]
+    """Note the error and schedule the next try with backoff, or give up and mark the row dead;
+    returns the row's status. A ``DataError`` (the database refused or could not read back one of the
+    row's values) is final at once.
+
+    Reads nothing of the row but its attempt count: the row itself may be what cannot be read. Never
+    raises: if the note cannot be written, a shorter one is tried, and if that fails too the row stays
+    leased and is claimed again when its lease runs out (its attempts were counted at the claim).
+    """
+    message = _storable_text(f"{type(exc).__name__}: {exc}")[:2000]
+    final = isinstance(exc, DataError)
+    try:
+        return _failure_save(pk, message, final=final)
+    except Exception:
+        logger.exception("inbox: could not record the failure of event %s; trying a shorter note", pk)
+    try:
+        return _failure_save(pk, f"{type(exc).__name__} (its message could not be stored)", final=final)
+    except Exception:
+        logger.exception("inbox: could not record the failure of event %s; its lease will run out", pk)
+        return Status.RECEIVED
+
+
+def _failure_save(pk: int, message: str, *, final: bool) -> str:
+    now = timezone.now()
     with transaction.atomic():
-        event = InboxEvent.objects.select_for_update().get(pk=pk)
-        event.last_error = message
-        if event.attempts >= settings.HUB_INBOX_MAX_ATTEMPTS:
-            event.status = Status.DEAD
-            event.processed_at = timezone.now()
-            logger.error("inbox: event %s is dead after %d attempts: %s", pk, event.attempts, message)
+        attempts = (
+            InboxEvent.objects.select_for_update()
+            .filter(pk=pk, status=Status.RECEIVED)
+            .values_list("attempts", flat=True)
+            .first()
+        )
+        if attempts is None:  # replayed, or handled by another worker meanwhile: nothing to note
+            return Status.RECEIVED
+        changes: dict[str, object] = {"last_error": message}
+        if final or attempts >= settings.HUB_INBOX_MAX_ATTEMPTS:
+            changes.update(status=Status.DEAD, processed_at=now)
+            if final:
+                changes.update(_unreadable_time_cleared(pk, message))
+            logger.error("inbox: event %s is dead (attempt %d): %s", pk, attempts, changes["last_error"])
         else:
-            event.available_at = timezone.now() + timedelta(seconds=5 * 2**event.attempts)
-        event.save(update_fields=["last_error", "status", "processed_at", "available_at"])
-    return event.status
+            changes["available_at"] = now + timedelta(seconds=5 * 2**attempts)
+        InboxEvent.objects.filter(pk=pk).update(**changes)
+        return str(changes.get("status", Status.RECEIVED))
+
+
+# The instants Python (and so the driver) can read back. Only ``time`` comes from a sender; the
+# intake refuses values outside these since, but rows stored before may still hold one.
+_READABLE = Q(time__gte=datetime.min.replace(tzinfo=UTC), time__lte=datetime.max.replace(tzinfo=UTC))
+
+
+def _unreadable_time_cleared(pk: int, message: str) -> dict[str, object]:
+    """If the row's ``time`` cannot be read back, the changes that move it, as text, into the note and
+    empty the column: the row can then be shown (admin, the event status API) and replayed."""
+    if connection.vendor != "postgresql":
+        return {}
+    text = (
+        InboxEvent.objects.filter(pk=pk, time__isnull=False)
+        .exclude(_READABLE)
+        .annotate(as_text=Cast("time", TextField()))
+        .values_list("as_text", flat=True)
+        .first()
+    )
+    if text is None:
+        return {}
+    note = f" [time {text} is outside years 1 to 9999 and was cleared]"
+    return {"time": None, "last_error": message[: 2000 - len(note)] + note}
+
+
+def _storable_text(text: str) -> str:
+    """``text`` without what a text column refuses (NUL, lone surrogates): an exception's message may
+    quote any value."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
 
 
 def inbox_drain(*, max_batches: int = 100) -> Counter[str]:

@@ -21,7 +21,7 @@ from decimal import Decimal
 from typing import Any
 
 from django.conf import settings
-from django.db import DatabaseError, connection, transaction
+from django.db import DatabaseError, DataError, InterfaceError, OperationalError, connection, transaction
 from django.utils import timezone
 
 from clearinghouse.errors import (
@@ -36,7 +36,7 @@ from clearinghouse.errors import (
 )
 from clearinghouse.redis import redis_client
 from institutions import crypto
-from institutions.envelope import SEAL_SUBJECT, EventVerdict, validate_event
+from institutions.envelope import SEAL_SUBJECT, Error, EventVerdict, validate_event
 from institutions.models import InboxEvent
 from institutions.selectors import Verifier, institution_verifier
 
@@ -47,6 +47,8 @@ BATCH = "application/cloudevents-batch+json"
 EITHER = "application/json"
 CONTENT_TYPES = (SINGLE, BATCH, EITHER)
 _TIMESTAMP = re.compile(r"^[0-9]{1,15}$")
+# A 503 says when to come back: the database is down or restarting, which takes seconds, not hours.
+UNAVAILABLE_RETRY_AFTER_SECONDS = 5
 
 
 # --- Request-level checks ---------------------------------------------------------------------------
@@ -247,7 +249,9 @@ def events_store(*, verifier: Verifier, webhook_id: str, events: list[dict[str, 
     Outside a transaction the INSERT runs in autocommit: it is its own transaction, committed (and
     flushed, with ``synchronous_commit`` on) when it returns, so the caller may answer 202 then, one
     round trip instead of BEGIN, INSERT, COMMIT. Inside a caller's transaction it runs in a savepoint.
-    Raises :class:`Unavailable` when the database cannot store (the caller must not answer 2xx).
+    An event whose values the database refuses although they passed the checks is ``rejected`` alone
+    (:func:`_insert_apart`). Raises :class:`Unavailable` (with ``Retry-After``) when the database
+    cannot store (the caller must not answer 2xx).
     """
     verdicts: list[EventVerdict] = [validate_event(event) for event in events]
     first_hash: dict[str, str] = {}
@@ -268,16 +272,20 @@ def events_store(*, verifier: Verifier, webhook_id: str, events: list[dict[str, 
 
     inserted: set[str] = set()
     existing: dict[str, str] = {}
+    refused: dict[str, Error] = {}
     if rows:
         try:
             if connection.in_atomic_block:
                 with transaction.atomic():
-                    inserted, existing = _store_rows(verifier.institution_id, webhook_id, rows)
+                    inserted, existing, refused = _store_rows(verifier.institution_id, webhook_id, rows)
             else:
-                inserted, existing = _store_rows(verifier.institution_id, webhook_id, rows)
+                inserted, existing, refused = _store_rows(verifier.institution_id, webhook_id, rows)
         except DatabaseError as exc:
             logger.exception("intake: could not store %d events", len(rows))
-            raise Unavailable("The hub cannot store events right now; retry later.") from exc
+            raise Unavailable(
+                "The hub cannot store events right now; retry later.",
+                headers={"Retry-After": str(UNAVAILABLE_RETRY_AFTER_SECONDS)},
+            ) from exc
         if inserted:
             # Runs at once in autocommit (the rows are committed), else when the caller commits.
             transaction.on_commit(_kick_processing, robust=True)
@@ -290,6 +298,9 @@ def events_store(*, verifier: Verifier, webhook_id: str, events: list[dict[str, 
             result.results.append({"id": verdict.event_id, "status": "rejected", "errors": verdict.errors})
             continue
         event_id = parsed.event_id
+        if event_id in refused:  # the database refused a value the checks let through (logged)
+            result.results.append({"id": event_id, "status": "rejected", "errors": [refused[event_id]]})
+            continue
         if event_id in inserted and event_id not in seen:
             status = "accepted"
             result.accepted += 1
@@ -304,8 +315,11 @@ def events_store(*, verifier: Verifier, webhook_id: str, events: list[dict[str, 
     return result
 
 
-def _store_rows(institution_id: int, webhook_id: str, rows: list[Row]) -> tuple[set[str], dict[str, str]]:
-    """Insert ``rows``; return the ids inserted and the stored content hash of each id that was not.
+def _store_rows(
+    institution_id: int, webhook_id: str, rows: list[Row]
+) -> tuple[set[str], dict[str, str], dict[str, Error]]:
+    """Insert ``rows``; return the ids inserted, the stored content hash of each id that was not, and
+    the error of each id whose row the database refused (see :func:`_insert_apart`).
 
     The database (not a prior SELECT) decides which events are new. The hashes of the others are
     read afterwards: a stored row's hash never changes, so that read needs no shared transaction.
@@ -313,11 +327,12 @@ def _store_rows(institution_id: int, webhook_id: str, rows: list[Row]) -> tuple[
     """
     entries = [(institution_id, webhook_id, row) for row in rows]
     if connection.in_atomic_block or not settings.HUB_INTAKE_GROUP_COMMIT:
-        pairs = _insert_rows(entries)
+        stored = _insert_apart(entries)
     else:
-        pairs = _group_commit.insert(entries)
-    inserted = {event_id for _, event_id in pairs}
-    missing = [row[0] for row in rows if row[0] not in inserted]
+        stored = _group_commit.insert(entries)
+    inserted = {event_id for _, event_id in stored.inserted}
+    refused = {event_id: error for (_, event_id), error in stored.refused.items()}
+    missing = [row[0] for row in rows if row[0] not in inserted and row[0] not in refused]
     existing: dict[str, str] = {}
     if missing:
         existing = dict(
@@ -325,7 +340,7 @@ def _store_rows(institution_id: int, webhook_id: str, rows: list[Row]) -> tuple[
                 "event_id", "content_hash"
             )
         )
-    return inserted, existing
+    return inserted, existing, refused
 
 
 # (institution id, webhook id, row): one row to insert with the request it came from.
@@ -373,6 +388,90 @@ def _insert_rows(entries: list[Entry]) -> set[tuple[int, str]]:
         return {(r[0], r[1]) for r in cursor.fetchall()}
 
 
+# --- When the database refuses a row ------------------------------------------------------------------
+# The envelope checks keep out every value the database is known to refuse or be unable to read back
+# (docs/decisions.md). Should one still reach a statement, it must cost its sender that event, not a
+# 503 that never clears, and cost the other events and requests of the statement nothing.
+
+Key = tuple[int, str]  # (institution id, event id)
+
+
+@dataclass
+class Stored:
+    """What became of a statement's rows: inserted, or refused by the database with this error."""
+
+    inserted: set[Key] = field(default_factory=set)
+    refused: dict[Key, Error] = field(default_factory=dict)
+
+
+VALUE, OUTAGE, OTHER = "value", "outage", "other"
+# SQLSTATE classes: 22 data exception (out of range, bad format, untranslatable character), 54 program
+# limit exceeded (a value too large for a row or an index).
+_VALUE_CLASSES = ("22", "54")
+_TIME_STATES = frozenset({"22007", "22008", "22009"})  # datetime format, field overflow, zone displacement
+
+
+def _sqlstate(exc: BaseException) -> str:
+    for error in (exc, exc.__cause__):  # Django's error wraps the driver's, which carries the state
+        state = getattr(error, "sqlstate", None)
+        if state:
+            return str(state)
+    return ""
+
+
+def _failure_kind(exc: BaseException) -> str:
+    """What a failed INSERT says about the rows in it.
+
+    ``VALUE``: the database (or the driver, encoding a parameter) refused a value: SQLSTATE class 22 or
+    54, or a string that cannot be encoded. Retrying cannot store that row, and a statement without
+    it succeeds: the sender's error. ``OUTAGE``: the connection or the server failed (a lost
+    connection, a server shutting down or out of resources, a deadlock): nothing can be stored now,
+    later will do. ``OTHER``: anything else (a constraint, a bug): not the sender's values, but it may
+    be one request's, so a group is split into its requests and each answers for itself (503).
+    """
+    state = _sqlstate(exc)
+    if isinstance(exc, UnicodeEncodeError | DataError) or state[:2] in _VALUE_CLASSES:
+        return VALUE
+    if isinstance(exc, OperationalError | InterfaceError):
+        return OUTAGE
+    return OTHER
+
+
+def _insert_apart(entries: list[Entry], failure: BaseException | None = None) -> Stored:
+    """Insert ``entries`` as :func:`_insert_rows` does; when the database refuses a value, find the
+    rows that hold one by halving, insert the others and report the refused ones.
+
+    ``failure``: the error the statement holding all of ``entries`` already raised (skips trying them
+    again). Every half stored is committed on its own (in autocommit) or in its own savepoint, so a
+    refused row costs ``O(log n)`` statements and the good rows are stored all the same. Raises any
+    failure that is not a refused value (:func:`_failure_kind`): the caller answers 503.
+    """
+    if failure is None:
+        try:
+            if connection.in_atomic_block:
+                with transaction.atomic():  # a savepoint: the caller's transaction survives a refusal
+                    return Stored(_insert_rows(entries))
+            return Stored(_insert_rows(entries))
+        except Exception as exc:
+            if _failure_kind(exc) != VALUE:
+                raise
+            failure = exc
+    if len(entries) == 1:
+        institution_id, _, row = entries[0]
+        # The checks should have refused it: an operator should learn which value got through.
+        logger.error(
+            "intake: the database refused event %r of institution %s, which passed the checks: %r",
+            row[0],
+            institution_id,
+            failure,
+        )
+        field_name = "time" if _sqlstate(failure) in _TIME_STATES else "event"
+        return Stored(refused={(institution_id, row[0]): {"field": field_name, "code": "unstorable"}})
+    middle = len(entries) // 2
+    first, second = _insert_apart(entries[:middle]), _insert_apart(entries[middle:])
+    return Stored(first.inserted | second.inserted, {**first.refused, **second.refused})
+
+
 # --- Group commit -----------------------------------------------------------------------------------
 
 
@@ -381,7 +480,7 @@ class _Job:
     entries: list[Entry]
     woken: threading.Event = field(default_factory=threading.Event)
     lead: bool = False
-    inserted: set[tuple[int, str]] = field(default_factory=set)
+    stored: Stored = field(default_factory=Stored)
     error: BaseException | None = None
 
 
@@ -398,9 +497,12 @@ class _GroupCommit:
     Every request still learns of its rows only after the statement that inserted them committed
     (autocommit), so 202 still means stored. A (institution, event id) that two queued requests
     both carry goes into the statement once, for the first of them; the other then finds it stored
-    and compares hashes as it would against any earlier request. A statement that fails fails every
-    request in it (each answers 503); the envelope checks keep input the database would refuse (NUL,
-    lone surrogates) out of statements, so one sender's bad event does not fail the others'.
+    and compares hashes as it would against any earlier request.
+
+    One request's rows must not fail the others': when the shared statement fails for anything but an
+    outage (:func:`_failure_kind`), each request's rows are inserted again on their own
+    (:func:`_insert_apart`), so each request answers for its own rows only: stored, refused per event,
+    or 503 for its own failure. An outage fails every request of the statement (each answers 503).
     """
 
     MAX_ROWS = 2000  # a statement stops taking queued requests here; the rest go in the next one
@@ -410,7 +512,7 @@ class _GroupCommit:
         self._queue: list[_Job] = []
         self._running = False
 
-    def insert(self, entries: list[Entry]) -> set[tuple[int, str]]:
+    def insert(self, entries: list[Entry]) -> Stored:
         job = _Job(entries)
         with self._lock:
             self._queue.append(job)
@@ -422,7 +524,7 @@ class _GroupCommit:
             self._run(job)
         if job.error is not None:
             raise job.error
-        return job.inserted
+        return job.stored
 
     def _run(self, leader: _Job) -> None:
         with self._lock:
@@ -442,8 +544,17 @@ class _GroupCommit:
                     if key not in owners:
                         owners[key] = job
                         entries.append(entry)
-            for key in _insert_rows(entries):
-                owners[key].inserted.add(key)
+            try:
+                inserted = _insert_rows(entries)
+            except Exception as exc:
+                kind = _failure_kind(exc)
+                if kind == OUTAGE or (kind == OTHER and len(jobs) == 1):
+                    raise
+                logger.warning("intake: a statement of %d requests failed (%r); storing each apart", len(jobs), exc)
+                self._store_apart(jobs, leader, exc)
+            else:
+                for key in inserted:
+                    owners[key].stored.inserted.add(key)
         except BaseException as exc:  # every request of the statement answers with its failure
             for job in jobs:
                 job.error = exc if job is leader else _GroupFailed(exc)
@@ -459,6 +570,16 @@ class _GroupCommit:
             for job in jobs:
                 if job is not leader:
                     job.woken.set()
+
+    @staticmethod
+    def _store_apart(jobs: list[_Job], leader: _Job, failure: BaseException) -> None:
+        """Each request's rows in statements of their own, in queue order; a request alone in the
+        failed statement goes straight to finding its refused rows."""
+        for job in jobs:
+            try:
+                job.stored = _insert_apart(job.entries, failure if len(jobs) == 1 else None)
+            except Exception as exc:
+                job.error = exc if job is leader else _GroupFailed(exc)
 
 
 class _GroupFailed(DatabaseError):

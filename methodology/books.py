@@ -68,18 +68,22 @@ def add_months(day: date, months: int) -> date:
     return date(year, month, 1)  # only the month matters: lots are bucketed by month
 
 
+def validity_months(issuer_ids: Iterable[int]) -> dict[int, int]:
+    """How many months each issuer's points stay valid (its own setting, else the hub's)."""
+    ids = list(issuer_ids)
+    default = settings.HUB_POINTS_VALIDITY_MONTHS
+    months = dict.fromkeys(ids, default)
+    for pk, own in Institution.objects.filter(pk__in=ids).values_list("pk", "points_validity_months"):
+        if own is not None:
+            months[pk] = own
+    return months
+
+
 def lot_expiries(days_by_issuer: dict[int, set[date]]) -> dict[tuple[int, date], date]:
     """The expiry bucket of points each issuer credits for an act on each local day."""
-    overrides: dict[int, int] = {
-        pk: months
-        for pk, months in Institution.objects.filter(pk__in=list(days_by_issuer)).values_list(
-            "pk", "points_validity_months"
-        )
-        if months is not None
-    }
-    default = settings.HUB_POINTS_VALIDITY_MONTHS
+    months = validity_months(days_by_issuer)
     return {
-        (issuer, day): lot_expiry(add_months(day, overrides.get(issuer, default)))
+        (issuer, day): lot_expiry(add_months(day, months[issuer]))
         for issuer, days in days_by_issuer.items()
         for day in days
     }

@@ -17,16 +17,26 @@ from institutions.envelope import ACTIVITY_RECORDED
 from institutions.handlers import Outcome
 from institutions.models import InboxEvent
 from ledger.models import AccountKind, Posting
+from ledger.services import MAX_AMOUNT
 from methodology.books import (
     Credit,
+    add_months,
     credit_reverse,
     credits_post,
     holdings_consolidate,
     owners_lock,
     person_owner,
     subject_owner,
+    validity_months,
 )
-from methodology.models import ActFingerprint, CapUsage, NormalizedActivity, StandardRevision
+from methodology.models import (
+    GRAMS_DIGITS,
+    QUANTITY_DIGITS,
+    ActFingerprint,
+    CapUsage,
+    NormalizedActivity,
+    StandardRevision,
+)
 from methodology.standard import Resolved, ScenarioInfo, Unresolved, current_standard, period_start
 from wallets.selectors import persons_for_subjects
 
@@ -40,6 +50,23 @@ GRAMS_DISPLAY = Decimal("0.001")
 
 Status = NormalizedActivity.Status
 Reason = NormalizedActivity.Reason
+
+
+def _column_limit(digits: dict[str, int]) -> Decimal:
+    """The first value a ``numeric(max_digits, decimal_places)`` column cannot hold, once PostgreSQL
+    has rounded it (half away from zero) to its places."""
+    places = digits["decimal_places"]
+    return EXACT.subtract(Decimal(10) ** (digits["max_digits"] - places), Decimal(5).scaleb(-(places + 1)))
+
+
+# What the columns of a measured activity hold (docs/decisions.md, "Only what can be stored and read
+# back"). The intake bounds the quantity sent; what it becomes after the unit conversion and times the
+# factor depends on the registry, and so is checked here, as is the credit against the ledger's
+# ``MAX_AMOUNT`` per leg.
+QUANTITY_LIMIT = _column_limit(QUANTITY_DIGITS)
+GRAMS_LIMIT = _column_limit(GRAMS_DIGITS)
+# Acts on days before this year expire before 9999 under any validity (at most 32767 months).
+_EXPIRY_CHECK_FROM_YEAR = 9999 - 32767 // 12 - 1
 
 
 def owner_key(*, person_id: int | None, institution_id: int, subject_ref: str) -> str:
@@ -56,6 +83,7 @@ class _Plan:
     fingerprint: str
     evidence: str
     issuer_points: int | None
+    grams: Decimal  # quantity x the factor's grams per unit, exact
 
 
 def activities_normalize(*, events: Sequence[InboxEvent]) -> list[Outcome]:
@@ -77,7 +105,7 @@ def activities_normalize(*, events: Sequence[InboxEvent]) -> list[Outcome]:
     persons = persons_for_subjects(subjects)
     owners_lock(person_owner(p) for p in set(persons.values()))
     plans: list[_Plan] = []
-    resolve, append = standard.resolve, plans.append
+    resolve, append, multiply = standard.resolve, plans.append, EXACT.multiply
     for index, event in enumerate(events):
         if measured and event.id in measured:  # handed again after a crash or a replay: report, don't measure twice
             outcomes[index] = Outcome.processed(activity_outcome(measured[event.id]))
@@ -91,6 +119,11 @@ def activities_normalize(*, events: Sequence[InboxEvent]) -> list[Outcome]:
                 resolved.reason, {"reason": resolved.reason, "detail": resolved.detail}
             )
             continue
+        grams = multiply(resolved.quantity, resolved.factor.grams_per_unit)
+        too_large = _past_columns(resolved.quantity, grams)
+        if too_large:
+            outcomes[index] = Outcome.quarantined("out_of_range", {"reason": "out_of_range", "detail": too_large})
+            continue
         person_id = persons.get((institution_id, subject_ref))
         append(
             _Plan(
@@ -102,13 +135,44 @@ def activities_normalize(*, events: Sequence[InboxEvent]) -> list[Outcome]:
                 data.get("fingerprint", ""),
                 data.get("evidence", "automatic"),
                 data.get("issuer_points"),
+                grams,
             )
         )
+    if any(p.resolved.local_day.year >= _EXPIRY_CHECK_FROM_YEAR for p in plans):
+        plans = _without_unexpirable(plans, outcomes)
     if plans:
         for plan, outcome in zip(plans, _measure(plans, standard.evidence_weights), strict=True):
             outcomes[plan.index] = outcome
     assert all(o is not None for o in outcomes)
     return outcomes  # type: ignore[return-value]
+
+
+def _past_columns(quantity: Decimal, grams: Decimal) -> str:
+    """Why an act measured so cannot be stored in its activity's columns, or ``""``. (Its credit is
+    checked against the ledger's limit once caps and evidence have shaped it, in :func:`_measure`.)"""
+    if quantity >= QUANTITY_LIMIT:
+        return f"{quantity:.3E} in the scenario's unit is more than the hub stores (under 1E+18)."
+    if grams >= GRAMS_LIMIT:
+        return f"{grams:.3E} g is more than the hub stores (under 1E+18 g)."
+    return ""
+
+
+def _without_unexpirable(plans: list[_Plan], outcomes: list[Outcome | None]) -> list[_Plan]:
+    """Quarantine the acts whose points would expire after 9999 (an act dated late in the 9990s, or
+    an issuer's long validity); the others, in order."""
+    late = [p for p in plans if p.resolved.local_day.year >= _EXPIRY_CHECK_FROM_YEAR]
+    months = validity_months({p.event.institution_id for p in late})
+    kept = []
+    for plan in plans:
+        try:
+            if plan.resolved.local_day.year >= _EXPIRY_CHECK_FROM_YEAR:
+                add_months(plan.resolved.local_day, months[plan.event.institution_id])
+        except ValueError:
+            detail = f"Its points, earned on {plan.resolved.local_day}, would expire after 9999-12-31."
+            outcomes[plan.index] = Outcome.quarantined("out_of_range", {"reason": "out_of_range", "detail": detail})
+            continue
+        kept.append(plan)
+    return kept
 
 
 def _already_measured(inbox_ids: list[int]) -> dict[int, NormalizedActivity]:
@@ -180,30 +244,35 @@ def _measure(plans: list[_Plan], weights: dict[str, Decimal]) -> list[Outcome]:
     with localcontext(EXACT):
         for plan, caps in zip(plans, plan_caps, strict=True):
             resolved, event, fingerprint = plan.resolved, plan.event, plan.fingerprint
-            scenario, factor, quantity = resolved.scenario, resolved.factor, resolved.quantity
-            grams = quantity * factor.grams_per_unit
+            scenario, factor, quantity, grams = resolved.scenario, resolved.factor, resolved.quantity, plan.grams
             credited_quantity = quantity
             status, reason = credited, ""
-            if fingerprint and (plan.owner, fingerprint) in seen_fingerprints:
+            repeated = bool(fingerprint) and (plan.owner, fingerprint) in seen_fingerprints
+            if repeated:
                 credited_quantity, status, reason = ZERO, duplicate, Reason.DUPLICATE_ACT
-            else:
-                if caps is not None:
-                    for key, maximum in caps:
-                        room = max(maximum - usage.get(key, ZERO), ZERO)
-                        if room < credited_quantity:
-                            credited_quantity, reason = room, Reason.CAP_REACHED
-                    for key, _ in caps:
-                        usage[key] = usage.get(key, ZERO) + credited_quantity
-                        touched.add(key)
-                    if credited_quantity == ZERO:
-                        status = capped
-                if fingerprint and status == credited:
-                    seen_fingerprints.add((plan.owner, fingerprint))
-                    fingerprint_rows.append((plan.owner, fingerprint, event.id, now))
+            elif caps is not None:
+                for key, maximum in caps:
+                    room = max(maximum - usage.get(key, ZERO), ZERO)
+                    if room < credited_quantity:
+                        credited_quantity, reason = room, Reason.CAP_REACHED
+                if credited_quantity == ZERO:
+                    status = capped
             weight = weights.get(plan.evidence, ONE)
             # quantity x factor is ``grams`` already when nothing was capped (the usual case).
             full = grams if credited_quantity is quantity else credited_quantity * factor.grams_per_unit
             credited_mg = int((full * THOUSAND * weight).quantize(ONE, ROUND_HALF_EVEN))
+            if credited_mg > MAX_AMOUNT:  # the ledger refuses the leg: quarantined before it counts anywhere
+                detail = f"{credited_mg:.3E} mg is more than one credit may be (at most 1E+12 mg, a thousand tonnes)."
+                outcomes.append(Outcome.quarantined("out_of_range", {"reason": "out_of_range", "detail": detail}))
+                continue
+            if not repeated:
+                if caps is not None:
+                    for key, _ in caps:
+                        usage[key] = usage.get(key, ZERO) + credited_quantity
+                        touched.add(key)
+                if fingerprint and status == credited:
+                    seen_fingerprints.add((plan.owner, fingerprint))
+                    fingerprint_rows.append((plan.owner, fingerprint, event.id, now))
             credits.append(
                 Credit(
                     event.id, event.institution_id, plan.person_id, event.subject_ref, resolved.local_day, credited_mg

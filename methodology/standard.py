@@ -65,7 +65,7 @@ class Resolved:
 
 @dataclass(frozen=True, slots=True)
 class Unresolved:
-    reason: str  # unknown_action, unit_mismatch, no_factor_in_force
+    reason: str  # unknown_action, unit_mismatch, no_factor_in_force, out_of_range
     detail: str
 
 
@@ -102,7 +102,10 @@ class Standard:
             canonical = self.convert(quantity, unit, scenario.unit)
         if canonical is None:
             return Unresolved("unit_mismatch", f"Cannot convert {unit!r} to {scenario.unit!r} for {scenario.code}.")
-        local_day = moment.astimezone(self.timezone).date()
+        try:
+            local_day = moment.astimezone(self.timezone).date()
+        except (OverflowError, ValueError):  # within a day of year 1 or 9999 (the intake refuses those now)
+            return Unresolved("out_of_range", f"The act's time has no local date in {self.timezone.key}.")
         factor = scenario.factor_on(local_day)
         if factor is None:
             return Unresolved("no_factor_in_force", f"No factor of {scenario.code} is in force on {local_day}.")

@@ -205,5 +205,6 @@ def test_when_the_inbox_cannot_be_written_the_answer_is_503_never_202(client, ba
     assert response.status_code == 503
     assert response["Content-Type"] == "application/problem+json"
     assert response.json()["code"] == "unavailable"
+    assert response["Retry-After"] == "5"  # a statement timeout is the database's trouble, not the event's
     assert InboxEvent.objects.count() == 0
     assert post_events(client, bank, activity("e1")).status_code == 202  # and stored once it can

@@ -294,23 +294,40 @@ def row(event_id: str) -> tuple:
 
 
 class ControlledInserts:
-    """Stands in for intake._insert_rows: the first statement blocks until released, so requests queue."""
+    """Stands in for intake._insert_rows: the first statement blocks until released, so requests queue.
 
-    def __init__(self, *, fail_call: int | None = None, stored: Collection[tuple[int, str]] = frozenset()):
+    ``fail_call`` (1-based) raises ``failure`` from that statement; a statement holding an event id of
+    ``refuse`` raises DataError, as PostgreSQL refusing a value would.
+    """
+
+    def __init__(
+        self,
+        *,
+        fail_call: int | None = None,
+        failure: Exception | None = None,
+        refuse: Collection[str] = (),
+        stored: Collection[tuple[int, str]] = frozenset(),
+    ):
+        from django.db import OperationalError
+
         self.calls: list[list[tuple[int, str]]] = []
         self.release = threading.Event()
         self.fail_call = fail_call
+        self.failure = failure or OperationalError("server closed the connection unexpectedly")
+        self.refuse = set(refuse)
         self.stored = set(stored)
 
     def __call__(self, entries):
-        from django.db import DatabaseError
+        from django.db import DataError
 
         keys = [(institution_id, r[0]) for institution_id, _, r in entries]
         self.calls.append(keys)
         if len(self.calls) == 1:
             assert self.release.wait(5)
         if self.fail_call == len(self.calls):
-            raise DatabaseError("statement failed")
+            raise self.failure
+        if self.refuse.intersection(event_id for _, event_id in keys):
+            raise DataError("time zone displacement out of range")
         new = [key for key in keys if key not in self.stored]
         self.stored.update(new)
         return set(new)
@@ -329,9 +346,9 @@ def run_in_threads(group, requests: list[list[tuple]]) -> tuple[list[threading.T
     threads = [threading.Thread(target=send, args=(i,)) for i in range(len(requests))]
     threads[0].start()
     assert wait_for(lambda: group._running)
-    for thread in threads[1:]:
-        thread.start()
-    assert wait_for(lambda: len(group._queue) == len(requests) - 1)
+    for queued, thread in enumerate(threads[1:], start=1):
+        thread.start()  # one at a time, so the queue keeps the order of ``requests``
+        assert wait_for(lambda queued=queued: len(group._queue) == queued)
     return threads, answers
 
 
@@ -351,11 +368,11 @@ def test_requests_arriving_during_a_statement_share_the_next_one(monkeypatch):
         thread.join(5)
 
     assert inserts.calls == [[(1, "a")], [(1, "b"), (1, "dup"), (2, "b"), (1, "old")]]
-    assert answers == [{(1, "a")}, {(1, "b"), (1, "dup")}, {(2, "b")}, set()]
+    assert [answer.inserted for answer in answers] == [{(1, "a")}, {(1, "b"), (1, "dup")}, {(2, "b")}, set()]
     assert not group._running and group._queue == []
 
 
-def test_a_failed_statement_fails_each_request_in_it_and_the_next_ones_still_run(monkeypatch):
+def test_an_outage_fails_each_request_of_the_statement_and_the_next_ones_still_run(monkeypatch):
     from django.db import DatabaseError
 
     inserts = ControlledInserts(fail_call=2)
@@ -366,9 +383,65 @@ def test_a_failed_statement_fails_each_request_in_it_and_the_next_ones_still_run
     for thread in threads:
         thread.join(5)
 
-    assert answers[0] == {(1, "e0")}
+    assert answers[0].inserted == {(1, "e0")}
     assert all(isinstance(answer, DatabaseError) for answer in answers[1:])
-    assert group.insert([(1, "w", row("later"))]) == {(1, "later")}  # not stuck
+    assert len(inserts.calls) == 2  # an outage is not retried request by request: 503, come back later
+    assert group.insert([(1, "w", row("later"))]).inserted == {(1, "later")}  # not stuck
+
+
+def test_a_value_one_request_holds_fails_only_that_requests_row(monkeypatch):
+    inserts = ControlledInserts(refuse={"bad"})
+    monkeypatch.setattr(intake, "_insert_rows", inserts)
+    group = intake._GroupCommit()
+    requests = [
+        [(1, "w0", row("first"))],
+        [(1, "w1", row("ok-1")), (1, "w1", row("bad")), (1, "w1", row("ok-2"))],
+        [(2, "w2", row("other"))],  # another institution, sharing the statement that fails
+    ]
+    threads, answers = run_in_threads(group, requests)
+    inserts.release.set()
+    for thread in threads:
+        thread.join(5)
+
+    assert not any(isinstance(answer, Exception) for answer in answers), answers
+    assert answers[0].inserted == {(1, "first")}
+    assert answers[1].inserted == {(1, "ok-1"), (1, "ok-2")}
+    assert answers[1].refused == {(1, "bad"): {"field": "event", "code": "unstorable"}}
+    assert answers[2].inserted == {(2, "other")} and answers[2].refused == {}
+    # The shared statement, then each request apart; the refused row is found by halving its request.
+    assert inserts.calls[1] == [(1, "ok-1"), (1, "bad"), (1, "ok-2"), (2, "other")]
+    assert inserts.calls[2:] == [
+        [(1, "ok-1"), (1, "bad"), (1, "ok-2")],
+        [(1, "ok-1")],
+        [(1, "bad"), (1, "ok-2")],
+        [(1, "bad")],
+        [(1, "ok-2")],
+        [(2, "other")],
+    ]
+
+
+def test_another_failure_of_a_shared_statement_is_answered_by_each_request_alone(monkeypatch):
+    from django.db import IntegrityError
+
+    class OneRequestBreaks(ControlledInserts):
+        def __call__(self, entries):
+            if any(r[0] == "orphan" for _, _, r in entries):
+                self.calls.append([(i, r[0]) for i, _, r in entries])
+                raise IntegrityError("insert violates foreign key constraint (institution deleted)")
+            return super().__call__(entries)
+
+    inserts = OneRequestBreaks()
+    monkeypatch.setattr(intake, "_insert_rows", inserts)
+    group = intake._GroupCommit()
+    threads, answers = run_in_threads(
+        group, [[(1, "w0", row("first"))], [(9, "w1", row("orphan"))], [(2, "w2", row("x"))]]
+    )
+    inserts.release.set()
+    for thread in threads:
+        thread.join(5)
+
+    assert isinstance(answers[1], IntegrityError)  # that request answers 503 (it led the statement) ...
+    assert answers[2].inserted == {(2, "x")}  # ... and the other one is stored
 
 
 @pytest.mark.postgres
