@@ -867,7 +867,8 @@ class CreditCheck:
     inbox_rows: int = 0
     statuses: dict[str, int] = field(default_factory=dict)
     credited_once: int = 0
-    lost: list[str] = field(default_factory=list)  # acknowledged, no row or not processed
+    lost: list[str] = field(default_factory=list)  # acknowledged, and no row or never finished
+    dead: list[str] = field(default_factory=list)  # acknowledged, parked after every attempt (replayable)
     doubled: list[str] = field(default_factory=list)  # more than one activity or credit transfer
     wrong_amount: list[str] = field(default_factory=list)
     unacknowledged_stored: int = 0  # rows the sender was never told about (none expected)
@@ -887,6 +888,8 @@ class CreditCheck:
         out = []
         if self.lost:
             out.append(f"{len(self.lost)} acknowledged events lost (first: {self.lost[:5]})")
+        if self.dead:
+            out.append(f"{len(self.dead)} acknowledged events dead, not credited (first: {self.dead[:5]})")
         if self.doubled:
             out.append(f"{len(self.doubled)} events credited more than once (first: {self.doubled[:5]})")
         if self.wrong_amount:
@@ -933,6 +936,9 @@ def credits_check(hub: Hub, stream: EventStream, *, person: Person | None, linke
     seen: dict[str, tuple[Any, ...]] = {row[0]: row[1:] for row in rows}
     for event_id in sorted(acknowledged):
         row = seen.get(event_id)
+        if row is not None and row[0] == "dead":
+            check.dead.append(f"{event_id} (after {row[1]} claims)")
+            continue
         if row is None or row[0] != "processed":
             check.lost.append(f"{event_id} ({'no inbox row' if row is None else row[0]})")
             continue
@@ -1098,7 +1104,7 @@ def _finish(report: FaultReport, scene_: Scene, stream: EventStream, started: fl
         "unexpected": stream.tally.unexpected[:10],
         "gave_up": stream.tally.gave_up,
     }
-    report.check = asdict(check) | {"lost": check.lost[:20], "doubled": check.doubled[:20]}
+    report.check = asdict(check) | {"lost": check.lost[:20], "dead": check.dead[:20], "doubled": check.doubled[:20]}
     report.problems += check.problems
     if check.acknowledged != stream.count:
         report.problems.append(f"only {check.acknowledged} of {stream.count} events were ever acknowledged")
@@ -1113,16 +1119,15 @@ def _stream(scene_: Scene, prefix: str, count: int, rate: float, batch: int) -> 
     )
 
 
-def leased_since(hub: Hub, since: datetime) -> int:
-    """Rows claimed after ``since`` and not finished: their lease (``available_at``) was set by a claim
-    made after that moment and they are still ``received``."""
-    return int(
-        hub.scalar(
-            "SELECT count(*) FROM institutions_inboxevent "
-            "WHERE status = 'received' AND attempts > 0 AND available_at > %s",
-            [since + timedelta(seconds=hub.settings.lease_seconds)],
-        )
-    )
+def leased_since(hub: Hub, since: datetime) -> tuple[int, int]:
+    """Rows claimed after ``since`` and not finished (their lease, ``available_at``, was set by a claim
+    made after that moment and they are still ``received``): how many, and the most claims among them."""
+    count, most = hub.query(
+        "SELECT count(*), coalesce(max(attempts), 0) FROM institutions_inboxevent "
+        "WHERE status = 'received' AND attempts > 0 AND available_at > %s",
+        [since + timedelta(seconds=hub.settings.lease_seconds)],
+    )[0]
+    return int(count), int(most)
 
 
 def kill_mid_batch(hub: Hub, worker: Worker, *, timeout: float) -> int:
@@ -1132,6 +1137,12 @@ def kill_mid_batch(hub: Hub, worker: Worker, *, timeout: float) -> int:
     The worker is frozen (SIGSTOP) and looked at: if rows it claimed are still unfinished, it dies
     frozen, inside its batch; if not, it is thawed and looked at again a moment later. A frozen worker
     makes no progress, so what is seen is what the kill interrupts.
+
+    A kill never takes a row's last attempt: the claim counts attempts to park a row that kills every
+    worker taking it (``dead`` after ``HUB_INBOX_MAX_ATTEMPTS``, tests/institutions cover that rule),
+    and a campaign that aimed every kill at the same rows would test that rule, not recovery. Real
+    crashes do not pick their rows; after a restart the rows of the killed batch come first, so without
+    this a kill every few seconds would keep landing on them.
     """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -1139,8 +1150,8 @@ def kill_mid_batch(hub: Hub, worker: Worker, *, timeout: float) -> int:
             raise RuntimeError(f"worker {worker.name} died on its own:\n{worker.log_tail()}")
         worker.signal(signal.SIGSTOP)
         time.sleep(0.15)  # a statement already sent runs to its end; let it
-        in_flight = leased_since(hub, worker.started_at)
-        if in_flight:
+        in_flight, most_claims = leased_since(hub, worker.started_at)
+        if in_flight and most_claims < hub.settings.max_attempts:
             worker.kill()
             return in_flight
         worker.signal(signal.SIGCONT)
@@ -1157,15 +1168,18 @@ def fault_worker_kills(
     batch: int = 20,
     kills: int = 4,
     kill_every: float | None = None,
+    pool: str = "solo",
+    concurrency: int = 1,
     drain_timeout: float = 120.0,
     say: Say = say_to_stderr,
 ) -> FaultReport:
     """(a) A worker SIGKILLed repeatedly under load, inside a batch each time, and restarted at once (as
-    a supervisor would). By default the kills are spread evenly over the stream."""
+    a supervisor would). By default the kills are spread evenly over the stream. With ``pool="prefork"``
+    the kill takes the worker's whole process group, its pool's children with it (a lost host)."""
     started = time.monotonic()
     report = FaultReport("worker SIGKILLed repeatedly under load")
     hub = scene_.hub
-    worker = hub.start_worker("kill-1")
+    worker = hub.start_worker("kill-1", pool=pool, concurrency=concurrency)
     stream = _stream(scene_, "kill", events, rate, batch)
     spacing = kill_every if kill_every is not None else stream.duration / (kills + 1)
     say(f"(a) streaming {events} events at {rate:.0f}/s; {kills} kills, one every ~{spacing:.1f} s")
@@ -1179,7 +1193,7 @@ def fault_worker_kills(
         rows = kill_mid_batch(hub, worker, timeout=max(10.0, spacing * 3))
         in_flight.append(rows)
         say(f"  kill {n}: SIGKILL to {worker.name} holding {rows} claimed rows; stream at {stream.progress():.0%}")
-        worker = hub.start_worker(f"kill-{n + 1}")
+        worker = hub.start_worker(f"kill-{n + 1}", pool=pool, concurrency=concurrency)
         recovered = time.monotonic()
     stream.join(timeout=stream.duration + 240)
     say(f"  stream done: {dict(stream.tally.statuses)}; draining")

@@ -3,7 +3,7 @@
 the campaign's own, faults injected while signed events stream through the real intake, then every
 acknowledged event checked against the books.
 
-Faults (``--faults``, comma-separated, in this order):
+Faults (``--faults``, comma-separated; all four by default):
 
   workers   a Celery worker SIGKILLed inside a claimed batch, again and again, restarted at once
   redis     Redis wiped (FLUSHALL), stopped and restarted empty mid-stream
@@ -63,6 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     kills.add_argument(
         "--kill-every", type=float, default=None, help="seconds between kills, +-30%% (default: spread over the stream)"
     )
+    kills.add_argument("--pool", choices=("solo", "prefork"), default="solo", help="the worker's pool (default: solo)")
+    kills.add_argument("--concurrency", type=int, default=2, help="prefork pool processes (default: %(default)s)")
     redis = parser.add_argument_group("redis")
     redis.add_argument(
         "--redis-outage-at",
@@ -94,7 +96,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=30.0,
         help="minutes (on the advanced clock) the endpoint is down (default: %(default)s)",
     )
-    parser.add_argument("--drain-timeout", type=float, default=600.0, help="seconds to wait for the inbox to drain")
+    parser.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=600.0,
+        help="seconds to wait for the inbox to drain (default: %(default)s)",
+    )
     parser.add_argument("--json", type=Path, help="write every figure to this file as JSON")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs of every process)")
     args = parser.parse_args(argv)
@@ -134,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
                         batch=args.batch,
                         kills=args.kills,
                         kill_every=args.kill_every,
+                        pool=args.pool,
+                        concurrency=args.concurrency if args.pool == "prefork" else 1,
                         drain_timeout=args.drain_timeout,
                         say=say,
                     )
