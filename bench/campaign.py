@@ -766,6 +766,10 @@ class EventStream:
             raise TimeoutError("the stream's senders are still running")
         self.finished = time.monotonic()
 
+    def done(self) -> bool:
+        """Whether every batch was answered (or given up)."""
+        return bool(self._threads) and not any(t.is_alive() for t in self._threads)
+
     def progress(self) -> float:
         """The share of the stream's events sent at least once."""
         with self._lock:
@@ -1103,6 +1107,7 @@ def _finish(report: FaultReport, scene_: Scene, stream: EventStream, started: fl
         "event_statuses": dict(stream.tally.event_statuses),
         "unexpected": stream.tally.unexpected[:10],
         "gave_up": stream.tally.gave_up,
+        "batches_retried": sum(1 for b in stream.batches if b.attempts > 1),
     }
     report.check = asdict(check) | {"lost": check.lost[:20], "dead": check.dead[:20], "doubled": check.doubled[:20]}
     report.problems += check.problems
@@ -1130,9 +1135,9 @@ def leased_since(hub: Hub, since: datetime) -> tuple[int, int]:
     return int(count), int(most)
 
 
-def kill_mid_batch(hub: Hub, worker: Worker, *, timeout: float) -> int:
+def kill_mid_batch(hub: Hub, worker: Worker, *, timeout: float) -> int | None:
     """SIGKILL ``worker`` (its whole process group) while it holds a claimed, unfinished batch; returns
-    how many rows that batch held (0 if none was caught within ``timeout`` and it was killed anyway).
+    how many rows that batch held, or None (the worker left running) if none was caught in ``timeout``.
 
     The worker is frozen (SIGSTOP) and looked at: if rows it claimed are still unfinished, it dies
     frozen, inside its batch; if not, it is thawed and looked at again a moment later. A frozen worker
@@ -1156,8 +1161,7 @@ def kill_mid_batch(hub: Hub, worker: Worker, *, timeout: float) -> int:
             return in_flight
         worker.signal(signal.SIGCONT)
         time.sleep(random.uniform(0.02, 0.1))
-    worker.kill()
-    return 0
+    return None
 
 
 def fault_worker_kills(
@@ -1190,7 +1194,13 @@ def fault_worker_kills(
     for n in range(1, kills + 1):
         planned += spacing * (random.uniform(0.7, 1.3) if kill_every is not None else 1.0)
         time.sleep(max(0.0, planned - time.monotonic()))
+        if stream.done() and inbox_waiting(hub, scene_.bank.code) == 0:
+            say(f"  kill {n}: the stream is over and nothing waits; no more kills")
+            break
         rows = kill_mid_batch(hub, worker, timeout=max(10.0, spacing * 3))
+        if rows is None:
+            say(f"  kill {n}: {worker.name} was not caught inside a batch; left running")
+            continue
         in_flight.append(rows)
         say(f"  kill {n}: SIGKILL to {worker.name} holding {rows} claimed rows; stream at {stream.progress():.0%}")
         worker = hub.start_worker(f"kill-{n + 1}", pool=pool, concurrency=concurrency)
@@ -1199,7 +1209,7 @@ def fault_worker_kills(
     say(f"  stream done: {dict(stream.tally.statuses)}; draining")
     drained = drain(hub, scene_.bank.code, timeout=drain_timeout, say=say)
     report.figures = {
-        "kills": kills,
+        "kills": len(in_flight),
         "rows_in_flight_at_each_kill": in_flight,
         "drain_seconds_after_the_stream": None if drained is None else round(drained, 1),
         "seconds_from_the_last_restart_to_all_credited": None
@@ -1339,6 +1349,12 @@ CONTRACT_SCHEDULE = (0, 5, 5 * 60, 30 * 60, 2 * 3600, 5 * 3600, 10 * 3600, 14 * 
 CONTRACT_JITTER = 0.10
 
 
+class _Server(ThreadingHTTPServer):
+    # The delivery worker sends up to HUB_DELIVERY_CONCURRENCY (32) requests at once; the default
+    # listen backlog of 5 would refuse some connections, failures of the receiver and not of the hub.
+    request_queue_size = 128
+
+
 class FlakyEndpoint:
     """An institution's webhook endpoint on loopback that verifies the hub's ``v1a`` signature, applies
     each ``webhook-id`` once (it dedupes, as the contract tells receivers to) and fails a share of
@@ -1405,7 +1421,7 @@ class FlakyEndpoint:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        server = _Server(("127.0.0.1", self.port), Handler)
         server.daemon_threads = True
         threading.Thread(target=server.serve_forever, daemon=True).start()
         self.server = server
@@ -1590,14 +1606,17 @@ def fault_flaky_endpoint(
         [shop.code],
     )
     attempts_by_message: dict[int, list[tuple[datetime, int | None]]] = {}
-    for message_pk, attempted_at, status_code in hub.query(
-        "SELECT a.message_id, a.attempted_at, a.status_code FROM institutions_deliveryattempt a "
+    unanswered_while_up: Counter[str] = Counter()
+    for message_pk, attempted_at, status_code, error in hub.query(
+        "SELECT a.message_id, a.attempted_at, a.status_code, a.error FROM institutions_deliveryattempt a "
         "JOIN institutions_outboxmessage m ON m.id = a.message_id "
         "JOIN institutions_institution i ON i.id = m.institution_id "
         "WHERE i.code = %s ORDER BY a.attempted_at, a.id",
         [shop.code],
     ):
         attempts_by_message.setdefault(message_pk, []).append((attempted_at, status_code))
+        if status_code is None and clock.virtual(attempted_at) >= down_until:
+            unanswered_while_up[error[:80]] += 1
     delivered = sum(1 for r in rows if r[2] == "delivered")
     ids_by_redemption: dict[str, set[str]] = {}
     for msg_id, body in endpoint.requests:
@@ -1628,6 +1647,7 @@ def fault_flaky_endpoint(
         "requests_received": len(endpoint.requests),
         "answers": {str(k): v for k, v in sorted(endpoint.answers.items())},
         "attempts_unanswered": sum(1 for tries in attempts_by_message.values() for _, code in tries if code is None),
+        "attempts_unanswered_while_the_endpoint_was_up": sum(unanswered_while_up.values()),
         "attempts_recorded": sum(len(t) for t in attempts_by_message.values()),
         "max_attempts_of_a_message": max((len(t) for t in attempts_by_message.values()), default=0),
         "applied_at_the_receiver": len(endpoint.applied),
@@ -1652,6 +1672,8 @@ def fault_flaky_endpoint(
         report.problems.append(f"{len(endpoint.effects)} redemptions applied for {messages}, some more than once")
     if endpoint.bad_signatures:
         report.problems.append(f"{endpoint.bad_signatures} requests without a valid hub signature")
+    if unanswered_while_up:
+        report.problems.append(f"requests that never reached the endpoint while it was up: {dict(unanswered_while_up)}")
     if early:
         report.problems.append(f"{len(early)} retries earlier than the schedule: {early[:3]}")
     if late:
@@ -1675,22 +1697,42 @@ def fault_flaky_endpoint(
 
 
 def markdown(reports: list[FaultReport]) -> str:
-    lines = [
-        "| fault | events | acknowledged | credited once | lost | doubled | 503 answered | other non-202 "
-        "| drain s | run s |",
-        "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|",
-    ]
+    """The reports as markdown: a table of the streamed faults, one of the endpoint, then every figure."""
+    out: list[str] = []
+    streamed = [r for r in reports if r.check]
+    if streamed:
+        out += [
+            "| fault | events sent | acknowledged (202) | credited exactly once | lost | dead | doubled "
+            "| 503 answered | other non-202 | seconds from recovery to all credited |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+        ]
+        for r in streamed:
+            check, tally = r.check, r.tally
+            non_202 = {k: v for k, v in tally["statuses"].items() if k not in ("202", "503")}
+            recovery = next((v for k, v in r.figures.items() if k.startswith("seconds_from_the")), None)
+            out.append(
+                f"| {r.fault} | {r.events:,} | {check['acknowledged']:,} | {check['credited_once']:,} "
+                f"| {len(check['lost'])} | {len(check['dead'])} | {len(check['doubled'])} "
+                f"| {tally['unavailable_503']:,} | {non_202 or 'none'} | {recovery} |"
+            )
     for r in reports:
         if r.check:
-            non_202 = {k: v for k, v in r.tally["statuses"].items() if k not in ("202", "503")}
-            drain_s = next((v for k, v in r.figures.items() if k.startswith("drain")), None)
-            lines.append(
-                f"| {r.fault} | {r.events:,} | {r.check['acknowledged']:,} | {r.check['credited_once']:,} "
-                f"| {len(r.check['lost'])} | {len(r.check['doubled'])} | {r.tally['unavailable_503']:,} "
-                f"| {non_202 or 'none'} | {drain_s} | {r.seconds} |"
-            )
-    out = "\n".join(lines)
+            continue
+        f = r.figures
+        if out:
+            out.append("")
+        out += [
+            "| fault | webhooks owed | delivered | applied twice | requests received | answered 500 / 503 "
+            "| attempts unanswered (endpoint down) | resends skipped by the receiver | replayed after 10 attempts "
+            "| retries early / late | hours played |",
+            "|---|---:|---:|---:|---:|---|---:|---:|---:|---|---:|",
+            f"| {r.fault} | {f['messages']:,} | {f['delivered']:,} | {f['redemptions_applied_twice']} "
+            f"| {f['requests_received']:,} | {f['answers'].get('500', 0)} / {f['answers'].get('503', 0)} "
+            f"| {f['attempts_unanswered']:,} | {f['resends_skipped_by_the_receivers_dedupe']} "
+            f"| {f['replayed_after_ten_failed_attempts']} | {f['early_retries']} / {f['late_retries']} "
+            f"| {f['virtual_hours_played']} |",
+        ]
     for r in reports:
-        out += f"\n\n**{r.fault}**: " + ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in r.figures.items())
-        out += "; problems: " + ("none" if not r.problems else "; ".join(r.problems))
-    return out
+        figures = ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in r.figures.items())
+        out += ["", f"**{r.fault}** ({r.seconds} s): {figures}. Problems: {'; '.join(r.problems) or 'none'}."]
+    return "\n".join(out)

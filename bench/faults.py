@@ -31,6 +31,7 @@ import os
 import platform
 import shlex
 import shutil
+import subprocess
 import sys
 import tempfile
 from datetime import UTC, datetime
@@ -42,6 +43,9 @@ sys.path.insert(0, str(ROOT))
 from bench import campaign  # noqa: E402 (after the path is set)
 
 FAULTS = ("workers", "redis", "postgres", "endpoint")
+DOCS_FILE = ROOT / "docs" / "reliability.md"
+MARK_START = "<!-- bench/faults.py results: start -->"
+MARK_END = "<!-- bench/faults.py results: end -->"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -103,6 +107,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="seconds to wait for the inbox to drain (default: %(default)s)",
     )
     parser.add_argument("--json", type=Path, help="write every figure to this file as JSON")
+    parser.add_argument(
+        "--docs", action="store_true", help=f"put the summary in {DOCS_FILE.relative_to(ROOT)} (between its markers)"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs of every process)")
     args = parser.parse_args(argv)
     args.fault_list = [f.strip() for f in args.faults.split(",") if f.strip()]
@@ -187,9 +194,18 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
 
     command = "bench/faults.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    cores = os.cpu_count()
-    print(f"`{command.strip()}`, {started:%Y-%m-%d %H:%M} UTC, {cores} cores, Python {platform.python_version()}\n")
-    print(campaign.markdown(reports))
+    summary = (
+        f"`.venv/bin/python {command.strip()}`, {started:%Y-%m-%d %H:%M} UTC, on {os.cpu_count()} cores "
+        f"(Python {platform.python_version()}, {postgres_version(bindir)}, {redis_version()}):\n\n"
+        + campaign.markdown(reports)
+    )
+    print(summary)
+    if args.docs:
+        text = DOCS_FILE.read_text()
+        head, _, rest = text.partition(MARK_START)
+        _, _, tail = rest.partition(MARK_END)
+        DOCS_FILE.write_text(f"{head}{MARK_START}\n{summary}\n{MARK_END}{tail}")
+        say(f"summary written to {DOCS_FILE.relative_to(ROOT)}")
     if args.json:
         args.json.write_text(
             json.dumps(
@@ -199,6 +215,18 @@ def main(argv: list[str] | None = None) -> int:
         )
         say(f"figures written to {args.json}")
     return 1 if any(r.problems for r in reports) else 0
+
+
+def postgres_version(bindir: Path) -> str:
+    out = subprocess.run([str(bindir / "postgres"), "--version"], capture_output=True, text=True, check=False)
+    return out.stdout.strip().replace("postgres (PostgreSQL)", "PostgreSQL") or "PostgreSQL"
+
+
+def redis_version() -> str:
+    binary = campaign.redis_server_binary() or "redis-server"
+    out = subprocess.run([binary, "--version"], capture_output=True, text=True, check=False).stdout
+    version = next((part.split("=", 1)[1] for part in out.split() if part.startswith("v=")), "")
+    return f"Redis {version}".strip()
 
 
 if __name__ == "__main__":
