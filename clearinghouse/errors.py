@@ -69,7 +69,17 @@ class RateLimited(HubError):
 
 
 class Unavailable(HubError):
+    """The hub cannot do it now (its database is out of reach): come back after ``Retry-After``.
+
+    Every such answer tells the sender when to retry: without it a sender that retries 503s (as the
+    contract tells it to) either hammers a recovering hub or waits longer than it needs.
+    """
+
     status, code, title = 503, "unavailable", "Service unavailable"
+    retry_after_seconds = 5
+
+    def __init__(self, message: str | None = None, *, headers: dict[str, str] | None = None, **extra: Any):
+        super().__init__(message, headers={"Retry-After": str(self.retry_after_seconds), **(headers or {})}, **extra)
 
 
 class NotFound(HubError):

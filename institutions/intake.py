@@ -74,7 +74,7 @@ def authenticate(code: str, headers: Mapping[str, str], body: bytes) -> Verifier
     """The verifier of the institution that signed ``body``, or :class:`InvalidSignature`.
 
     Unknown and suspended institutions, missing or malformed headers and non-matching signatures
-    all get the same answer.
+    all get the same answer. Raises :class:`Unavailable` when the credentials cannot be read.
     """
     msg_id = headers.get("webhook-id", "")
     timestamp = headers.get("webhook-timestamp", "")
@@ -83,7 +83,12 @@ def authenticate(code: str, headers: Mapping[str, str], body: bytes) -> Verifier
         raise InvalidSignature("The webhook-id, webhook-timestamp and webhook-signature headers are required.")
     if "." in msg_id or len(msg_id) > 256 or not _TIMESTAMP.match(timestamp):
         raise InvalidSignature("Malformed webhook headers.")
-    verifier = institution_verifier(code)
+    try:
+        verifier = institution_verifier(code)
+    except DatabaseError as exc:
+        # The credentials are in the database: out of reach, no request can be checked (nor stored).
+        logger.warning("intake: cannot read the credentials of %r: %s", code, exc)
+        raise Unavailable("The hub cannot check requests right now; retry later.") from exc
     if verifier is None or not verifier.active:
         raise InvalidSignature("No signature matches.")
     if not crypto.verify(
