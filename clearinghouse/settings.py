@@ -204,7 +204,8 @@ REST_FRAMEWORK = {
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
-    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    # UTF-8 only, each key once, no NaN (clearinghouse.strict_json): the intake's rules for every body.
+    "DEFAULT_PARSER_CLASSES": ["clearinghouse.strict_json.StrictJSONParser"],
     "EXCEPTION_HANDLER": "clearinghouse.errors.problem_exception_handler",
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "UNAUTHENTICATED_USER": None,

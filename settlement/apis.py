@@ -28,6 +28,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from clearinghouse import strict_json
 from clearinghouse.errors import PROBLEM_CONTENT_TYPE, HubError, NotFound, problem_response
 from institutions.authentication import InstitutionTokenAuthentication
 from institutions.models import Institution
@@ -331,9 +332,9 @@ def _redemption_post_direct(request: HttpRequest) -> HttpResponse | None:
     if person is None:
         return None
     try:
-        # As DRF's parser: UTF-8 only (no BOM), and no NaN or Infinity.
-        body = json.loads(request.body.decode("utf-8"), parse_constant=_not_json)
-    except ValueError:  # UnicodeDecodeError and JSONDecodeError too
+        # The parser DRF's path uses (StrictJSONParser): a body it refuses is DRF's to answer.
+        body = strict_json.loads(request.body)
+    except HubError:
         return None
     plain = _plain_redemption(body)
     if plain is None:
@@ -349,10 +350,6 @@ def _redemption_post_direct(request: HttpRequest) -> HttpResponse | None:
 
 # Reward codes are [a-z0-9-]{2,40}; anything else (spaces to trim, NUL, surrogates, ...) is DRF's to judge.
 _PLAIN_REWARD = re.compile(r"[A-Za-z0-9_-]{1,40}")
-
-
-def _not_json(constant: str) -> Any:
-    raise ValueError(f"{constant} is not JSON")
 
 
 def _plain_redemption(body: Any) -> tuple[str, int] | None:
