@@ -56,6 +56,10 @@ class InvalidEvents(HubError):
     status, code, title = 422, "invalid-events", "Every event was rejected"
 
 
+class LengthRequired(HubError):
+    status, code, title = 411, "length-required", "Length required"
+
+
 class PayloadTooLarge(HubError):
     status, code, title = 413, "payload-too-large", "Payload too large"
 
