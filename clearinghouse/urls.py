@@ -13,7 +13,8 @@ api_v1: list[URLPattern | URLResolver] = [
     path("", include("methodology.urls")),
     path("", include("settlement.urls")),
     path("schema/", SpectacularAPIView.as_view(), name="schema"),
-    path("docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),
+    # OPTIONS is 405 on the HTML page: DRF's metadata cannot be rendered as its template (it was a 500).
+    path("docs/", SpectacularSwaggerView.as_view(url_name="schema", metadata_class=None), name="docs"),
 ]
 
 urlpatterns = [

@@ -243,6 +243,8 @@ class RewardListApi(APIView):
 
 class RedemptionsApi(PersonApi, GenericAPIView):
     pagination_class = RedemptionCursor
+    # What OPTIONS describes as the POST body (DRF's metadata asks a generic view for its serializer).
+    serializer_class = RedemptionIn
 
     def get_queryset(self) -> QuerySet[Redemption]:
         if getattr(self, "swagger_fake_view", False):  # schema generation: no person behind the request
