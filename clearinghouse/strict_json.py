@@ -125,4 +125,5 @@ class StrictJSONParser(JSONParser):
 
     def parse(self, stream: Any, media_type: str | None = None, parser_context: Any = None) -> Any:
         check_charset(media_type or "")
+        # DRF hands a JSON parser request.body (read through Django's DATA_UPLOAD_MAX_MEMORY_SIZE check).
         return loads(stream.read())

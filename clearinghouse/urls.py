@@ -4,6 +4,7 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from clearinghouse import health
 
+handler400 = "clearinghouse.errors.api_bad_request"
 handler404 = "clearinghouse.errors.api_not_found"
 handler500 = "clearinghouse.errors.api_server_error"
 

@@ -22,7 +22,6 @@ from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_sche
 from rest_framework import serializers
 from rest_framework.exceptions import AuthenticationFailed
 from rest_framework.generics import GenericAPIView, ListAPIView
-from rest_framework.pagination import CursorPagination
 from rest_framework.permissions import AllowAny, IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -30,6 +29,7 @@ from rest_framework.views import APIView
 
 from clearinghouse import strict_json
 from clearinghouse.errors import PROBLEM_CONTENT_TYPE, HubError, NotFound, problem_response
+from clearinghouse.pagination import HubCursorPagination
 from institutions.authentication import InstitutionTokenAuthentication
 from institutions.models import Institution
 from settlement.models import (
@@ -113,7 +113,7 @@ class StatementOut(serializers.Serializer):
     )
 
 
-class StatementCursor(CursorPagination):
+class StatementCursor(HubCursorPagination):
     page_size = 20
     ordering = ("-cycle_id",)  # one statement per cycle and institution: unique, so a stable cursor
 
@@ -222,7 +222,7 @@ class RedemptionOut(serializers.Serializer):
     reason = serializers.CharField(allow_null=True, help_text="Why it was rejected or voided.")
 
 
-class RedemptionCursor(CursorPagination):
+class RedemptionCursor(HubCursorPagination):
     page_size = 50
     ordering = ("-created_at", "-id")
 

@@ -16,12 +16,12 @@ from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiResponse, extend_schema, extend_schema_field, inline_serializer
 from rest_framework import serializers
 from rest_framework.generics import ListAPIView
-from rest_framework.pagination import CursorPagination
 from rest_framework.permissions import AllowAny, IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from clearinghouse.pagination import HubCursorPagination
 from clearinghouse.throttle import client_address
 from methodology.models import NormalizedActivity
 from wallets.exceptions import NotAPerson
@@ -114,7 +114,7 @@ class ActivityOut(serializers.Serializer):
         return body
 
 
-class ActivityCursor(CursorPagination):
+class ActivityCursor(HubCursorPagination):
     page_size = 50
     ordering = ("-occurred_at", "-id")
 
