@@ -39,7 +39,10 @@ def database_url() -> str:
 
 
 def server_environment(**extra: str) -> dict[str, str]:
+    # Settings add PostgreSQL session options to any DATABASE_URL; a SQLite connection takes none.
+    sqlite = {"DB_IDLE_IN_TRANSACTION_TIMEOUT_MS": "0", "DB_PREPARED_STATEMENTS": "0"}
     return {
+        **(sqlite if connection.vendor == "sqlite" else {}),
         **os.environ,
         "DJANGO_SETTINGS_MODULE": "clearinghouse.settings",
         "DJANGO_DEBUG": "0",
