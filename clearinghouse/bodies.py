@@ -75,6 +75,6 @@ def _read_at_most(stream: Any, size: int | None) -> bytes:
 
 def _problem(error: HubError, start_response: StartResponse) -> Iterator[bytes]:
     start_response(f"{error.status} {error.title}", [("Content-Type", PROBLEM_CONTENT_TYPE)])
-    # A generator, not a list: the server cannot learn the length, so the development server closes
+    # An iterator, not a list: the server cannot learn the length, so the development server closes
     # the connection after the answer (it would otherwise read the unread chunks as a request).
-    yield json.dumps(error.problem()).encode()
+    return iter([json.dumps(error.problem()).encode()])

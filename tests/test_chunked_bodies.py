@@ -126,6 +126,15 @@ def test_gunicorn_reads_a_signed_chunked_body_and_verifies_it(sender, tmp_path):
         status, _, body = exchange(server.port, signed_chunked_request(sender, large, size=65536))
         assert status == 413 and json.loads(body)["code"] == "payload-too-large"
 
+        # Past the limit for any body (DATA_UPLOAD_MAX_MEMORY_SIZE), the chunks are not read to their end.
+        huge = b'{"username": "' + b"x" * (settings.DATA_UPLOAD_MAX_MEMORY_SIZE + 10) + b'"}'
+        request = (
+            b"POST /api/v1/auth/signup HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n" + chunked(huge, 65536)
+        )
+        status, _, body = exchange(server.port, request)
+        assert status == 413 and json.loads(body)["code"] == "payload-too-large"
+
         # The persons' API (DRF) reads a chunked body too.
         signup = json.dumps({"username": "chunky", "password": PASSWORD}).encode()
         request = (
