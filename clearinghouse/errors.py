@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from django.core.exceptions import PermissionDenied
+from django.conf import settings
+from django.core.exceptions import PermissionDenied, RequestDataTooBig, SuspiciousOperation
 from django.http import Http404, HttpRequest, HttpResponse
 from rest_framework import exceptions as drf_exceptions
 from rest_framework.response import Response
@@ -52,8 +53,16 @@ class InvalidEnvelope(HubError):
     status, code, title = 400, "invalid-envelope", "Invalid envelope"
 
 
+class InvalidCursor(HubError):
+    status, code, title = 400, "invalid-cursor", "Invalid cursor"
+
+
 class InvalidEvents(HubError):
     status, code, title = 422, "invalid-events", "Every event was rejected"
+
+
+class LengthRequired(HubError):
+    status, code, title = 411, "length-required", "Length required"
 
 
 class PayloadTooLarge(HubError):
@@ -141,6 +150,8 @@ def problem_exception_handler(exc: Exception, context: dict[str, Any]) -> Respon
         exc = NotFound(str(exc) or "Not found.")
     elif isinstance(exc, PermissionDenied):
         exc = drf_exceptions.PermissionDenied()
+    elif isinstance(exc, RequestDataTooBig):  # Django's 400 page otherwise: it is the body's size
+        exc = PayloadTooLarge(f"At most {settings.DATA_UPLOAD_MAX_MEMORY_SIZE} bytes per request body.")
 
     if isinstance(exc, HubError):
         response = Response(exc.problem(), status=exc.status, content_type=PROBLEM_CONTENT_TYPE)
@@ -177,6 +188,20 @@ def api_not_found(request: HttpRequest, exception: Exception | None = None) -> H
     from django.views.defaults import page_not_found
 
     return page_not_found(request, exception or Http404())
+
+
+def api_bad_request(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:
+    """``handler400`` (what Django refuses before a view: a body past its size limit, a Host it does
+    not serve, ...): problem+json under ``/api/``, Django's page elsewhere."""
+    if request.path.startswith("/api/"):
+        if isinstance(exception, RequestDataTooBig):
+            return problem_response(
+                PayloadTooLarge(f"At most {settings.DATA_UPLOAD_MAX_MEMORY_SIZE} bytes per request body.")
+            )
+        return problem_response(HubError("The hub cannot take this request as sent."))
+    from django.views.defaults import bad_request
+
+    return bad_request(request, exception or SuspiciousOperation())
 
 
 def api_server_error(request: HttpRequest) -> HttpResponse:

@@ -253,7 +253,8 @@ REST_FRAMEWORK = {
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
-    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    # UTF-8 only, each key once, no NaN (clearinghouse.strict_json): the intake's rules for every body.
+    "DEFAULT_PARSER_CLASSES": ["clearinghouse.strict_json.StrictJSONParser"],
     "EXCEPTION_HANDLER": "clearinghouse.errors.problem_exception_handler",
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "UNAUTHENTICATED_USER": None,
@@ -268,6 +269,11 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
     "SCHEMA_PATH_PREFIX": "/api/v1",
+    # Every error documented as the problem+json it is (clearinghouse.openapi).
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "clearinghouse.openapi.problem_responses",
+    ],
 }
 
 # --- Hub secrets ------------------------------------------------------------------------------------
@@ -325,6 +331,22 @@ HUB_LINK_CODES_LIVE_MAX = env_int("HUB_LINK_CODES_LIVE_MAX", 5)
 # beyond it, attempts are refused unchecked. Codes carry 40 bits: at 20 guesses an hour, even a million
 # live codes at once take years of guessing to hit one.
 HUB_LINK_MAX_FAILURES_PER_HOUR = env_int("HUB_LINK_MAX_FAILURES_PER_HOUR", 20)
+# Throttles (clearinghouse.throttle), per sliding window; a limit of 0 turns one off. Sign-in counts failures:
+# per account (username, any case) and per client address; a success forgets the account's failures.
+HUB_SIGNIN_MAX_FAILURES_PER_ACCOUNT = env_int("HUB_SIGNIN_MAX_FAILURES_PER_ACCOUNT", 10)
+HUB_SIGNIN_MAX_FAILURES_PER_ADDRESS = env_int("HUB_SIGNIN_MAX_FAILURES_PER_ADDRESS", 50)
+HUB_SIGNIN_WINDOW_SECONDS = env_int("HUB_SIGNIN_WINDOW_SECONDS", 15 * 60)
+# Sign-up counts every attempt, per username asked for and per client address.
+HUB_SIGNUP_MAX_PER_ACCOUNT = env_int("HUB_SIGNUP_MAX_PER_ACCOUNT", 10)
+HUB_SIGNUP_MAX_PER_ADDRESS = env_int("HUB_SIGNUP_MAX_PER_ADDRESS", 20)
+HUB_SIGNUP_WINDOW_SECONDS = env_int("HUB_SIGNUP_WINDOW_SECONDS", 60 * 60)
+# Link codes a person may ask for (every attempt counts), besides HUB_LINK_CODES_LIVE_MAX live at once.
+HUB_LINK_CODE_MAX_PER_PERSON = env_int("HUB_LINK_CODE_MAX_PER_PERSON", 20)
+HUB_LINK_CODE_WINDOW_SECONDS = env_int("HUB_LINK_CODE_WINDOW_SECONDS", 60 * 60)
+# Proxies of the hub's own in front of it: 0 takes the client's address from the connection (REMOTE_ADDR);
+# n takes the n-th address from the right of X-Forwarded-For, which those proxies append to. Never set it
+# higher than the proxies that really are there: clients write whatever they like into that header.
+HUB_TRUSTED_PROXIES = env_int("HUB_TRUSTED_PROXIES", 0)
 # The wallet's "expiring soon": lots that lapse within this many days from today.
 HUB_EXPIRING_SOON_DAYS = env_int("HUB_EXPIRING_SOON_DAYS", 30)
 

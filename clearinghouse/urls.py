@@ -4,6 +4,7 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from clearinghouse import health
 
+handler400 = "clearinghouse.errors.api_bad_request"
 handler404 = "clearinghouse.errors.api_not_found"
 handler500 = "clearinghouse.errors.api_server_error"
 
@@ -13,7 +14,8 @@ api_v1: list[URLPattern | URLResolver] = [
     path("", include("methodology.urls")),
     path("", include("settlement.urls")),
     path("schema/", SpectacularAPIView.as_view(), name="schema"),
-    path("docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),
+    # OPTIONS is 405 on the HTML page: DRF's metadata cannot be rendered as its template (it was a 500).
+    path("docs/", SpectacularSwaggerView.as_view(url_name="schema", metadata_class=None), name="docs"),
 ]
 
 urlpatterns = [

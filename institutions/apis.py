@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from django.conf import settings
 from django.http import HttpRequest, HttpResponse, HttpResponseBase
-from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiExample, OpenApiParameter, OpenApiResponse, extend_schema, inline_serializer
 from rest_framework import serializers
 from rest_framework.permissions import AllowAny, IsAuthenticated
@@ -15,7 +15,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from clearinghouse.errors import HubError, InvalidEvents, NotFound, problem_response
-from institutions import intake
+from institutions import envelope, intake
 from institutions.authentication import InstitutionTokenAuthentication
 from institutions.models import InboxEvent, Institution
 from institutions.services import hub_public_keys
@@ -47,15 +47,75 @@ _SIGNATURE_HEADERS = [
     ),
 ]
 
-_RESULT = inline_serializer(
-    "EventResult",
+
+class EventErrorOut(serializers.Serializer):
+    field = serializers.CharField(help_text="`id`, `time`, `data.quantity`, ...")
+    code = serializers.CharField(help_text="`missing`, `unexpected_field`, `invalid_string`, ...")
+
+
+class EventResultOut(serializers.Serializer):
+    """One event's result, in request order."""
+
+    id = serializers.CharField(allow_null=True, help_text="The event's id; null when it had no string id.")
+    status = serializers.ChoiceField(["accepted", "duplicate", "conflict", "rejected"])
+    # The metaclass pops declared fields off the class, so this does not shadow Serializer.errors at runtime.
+    errors = EventErrorOut(  # type: ignore[assignment]
+        many=True, required=False, help_text="Why the event was rejected (or is a `conflict`), field by field."
+    )
+
+
+_INTAKE_RESPONSE = inline_serializer(
+    "IntakeResponse",
+    {"received": serializers.IntegerField(help_text="Events in the request."), "results": EventResultOut(many=True)},
+)
+# 422: the problem document, with the same results inside.
+_INTAKE_REJECTED = inline_serializer(
+    "IntakeRejected",
     {
-        "id": serializers.CharField(allow_null=True),
-        "status": serializers.ChoiceField(["accepted", "duplicate", "conflict", "rejected"]),
-        "errors": serializers.ListField(child=serializers.DictField(), required=False),
+        "type": serializers.CharField(),
+        "title": serializers.CharField(),
+        "status": serializers.IntegerField(),
+        "detail": serializers.CharField(),
+        "code": serializers.CharField(help_text="`invalid-events`."),
+        "received": serializers.IntegerField(),
+        "results": EventResultOut(many=True),
     },
 )
-_INTAKE_RESPONSE = inline_serializer("IntakeResponse", {"received": serializers.IntegerField(), "results": _RESULT})
+
+
+def _cloud_event_schema() -> dict[str, Any]:
+    """The CloudEvent the intake takes, from the envelope's own rules (institutions.envelope)."""
+    data_fields = "; ".join(
+        f"`{event_type}`: {', '.join(f'`{name}`' for name in fields) or 'none'}"
+        for event_type, fields in sorted(envelope.DATA_SCHEMAS.items())
+    )
+    return {
+        "type": "object",
+        "required": ["specversion", "id", "source", "type"],
+        "additionalProperties": False,
+        "properties": {
+            "specversion": {"type": "string", "enum": ["1.0"]},
+            "id": {"type": "string", "minLength": 1, "maxLength": envelope.MAX_ID},
+            "source": {"type": "string", "minLength": 1, "maxLength": envelope.MAX_SOURCE, "format": "uri-reference"},
+            "type": {"type": "string", "enum": sorted(envelope.EVENT_TYPES)},
+            "subject": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": envelope.MAX_SUBJECT,
+                "description": "The institution's own id for the person; required for activity and account events.",
+            },
+            "time": {
+                "type": "string",
+                "format": "date-time",
+                "description": "RFC 3339 with an offset; required for `carbon.activity.recorded`.",
+            },
+            "datacontenttype": {"type": "string", "enum": ["application/json"]},
+            "data": {
+                "type": "object",
+                "description": f"Allow-listed per type (any other field is rejected): {data_fields}.",
+            },
+        },
+    }
 
 
 class EventIntakeApi(APIView):
@@ -95,19 +155,25 @@ class EventIntakeApi(APIView):
         ),
         parameters=_SIGNATURE_HEADERS,
         request={
-            intake.SINGLE: OpenApiTypes.OBJECT,
-            intake.BATCH: {"type": "array", "items": {"type": "object"}, "minItems": 1, "maxItems": 1000},
-            intake.EITHER: OpenApiTypes.ANY,
+            intake.SINGLE: _cloud_event_schema(),
+            intake.BATCH: {
+                "type": "array",
+                "items": _cloud_event_schema(),
+                "minItems": 1,
+                "maxItems": settings.HUB_INTAKE_MAX_EVENTS,
+            },
+            intake.EITHER: {"oneOf": [_cloud_event_schema(), {"type": "array", "items": _cloud_event_schema()}]},
         },
         responses={
-            202: _INTAKE_RESPONSE,
-            400: PROBLEM,
-            401: PROBLEM,
-            413: PROBLEM,
-            415: PROBLEM,
-            422: PROBLEM,
-            429: PROBLEM,
-            503: PROBLEM,
+            202: OpenApiResponse(_INTAKE_RESPONSE, description="Stored (committed) before this answer."),
+            400: OpenApiResponse(description="`malformed-json` or `invalid-envelope`."),
+            401: OpenApiResponse(description="`invalid-signature` or `stale-timestamp`."),
+            411: OpenApiResponse(description="`length-required`."),
+            413: OpenApiResponse(description="`payload-too-large`."),
+            415: OpenApiResponse(description="`unsupported-media-type`."),
+            422: OpenApiResponse(_INTAKE_REJECTED, description="`invalid-events`: every event was rejected."),
+            429: OpenApiResponse(description="`rate-limited`."),
+            503: OpenApiResponse(description="`unavailable`: nothing was stored; retry later."),
         },
         examples=[
             OpenApiExample(

@@ -232,8 +232,9 @@ def validate_event(event: dict[str, Any]) -> EventVerdict:
     event_type = event.get("type")
     if event_type is None:
         errors.append({"field": "type", "code": "missing"})
-    elif event_type not in EVENT_TYPES:
+    elif not isinstance(event_type, str) or event_type not in EVENT_TYPES:
         errors.append({"field": "type", "code": "unknown_type"})
+        event_type = None  # requires nothing further; an object or a list cannot even be looked up (was a 500)
 
     subject = event.get("subject")
     if subject is None:

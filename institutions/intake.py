@@ -24,10 +24,10 @@ from django.conf import settings
 from django.db import DatabaseError, DataError, InterfaceError, OperationalError, connection, transaction
 from django.utils import timezone
 
+from clearinghouse import strict_json
 from clearinghouse.errors import (
     InvalidEnvelope,
     InvalidSignature,
-    MalformedJson,
     PayloadTooLarge,
     RateLimited,
     StaleTimestamp,
@@ -64,9 +64,12 @@ def check_size(content_length: str | None) -> None:
 
 
 def check_content_type(content_type: str) -> str:
+    """The media type without parameters; :class:`UnsupportedMediaType` for another type or a charset
+    other than UTF-8."""
     media_type = content_type.split(";", 1)[0].strip().lower()
     if media_type not in CONTENT_TYPES:
         raise UnsupportedMediaType(f"Send one of {', '.join(CONTENT_TYPES)}; got {media_type or 'none'}.")
+    strict_json.check_charset(content_type)
     return media_type
 
 
@@ -185,13 +188,13 @@ def _local_window_count(institution_id: int, window: int) -> int:
 
 
 def parse_events(body: bytes, media_type: str) -> list[Any]:
-    """The list of events the body carries; numbers with a fraction are read as Decimal, never float."""
-    try:
-        document = json.loads(body, parse_float=Decimal)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise MalformedJson(f"The body is not JSON: {exc}.") from exc
-    except RecursionError as exc:  # "[[[[..." nested past the parser's depth is not an event either
-        raise MalformedJson("The body nests too deeply.") from exc
+    """The list of events the body carries; numbers with a fraction are read as Decimal, never float.
+
+    The body must be strict JSON (:func:`clearinghouse.strict_json.loads`: UTF-8, each key once, no
+    NaN), else :class:`MalformedJson`. Lone surrogates pass here: the envelope's checks reject them
+    per event, naming the field.
+    """
+    document = strict_json.loads(body, parse_float=Decimal, allow_lone_surrogates=True)
     if isinstance(document, dict) and media_type in (SINGLE, EITHER):
         return [document]
     if isinstance(document, list) and media_type in (BATCH, EITHER):

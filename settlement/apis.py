@@ -22,13 +22,14 @@ from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_sche
 from rest_framework import serializers
 from rest_framework.exceptions import AuthenticationFailed
 from rest_framework.generics import GenericAPIView, ListAPIView
-from rest_framework.pagination import CursorPagination
 from rest_framework.permissions import AllowAny, IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from clearinghouse import strict_json
 from clearinghouse.errors import PROBLEM_CONTENT_TYPE, HubError, NotFound, problem_response
+from clearinghouse.pagination import HubCursorPagination
 from institutions.authentication import InstitutionTokenAuthentication
 from institutions.models import Institution
 from settlement.models import (
@@ -112,7 +113,7 @@ class StatementOut(serializers.Serializer):
     )
 
 
-class StatementCursor(CursorPagination):
+class StatementCursor(HubCursorPagination):
     page_size = 20
     ordering = ("-cycle_id",)  # one statement per cycle and institution: unique, so a stable cursor
 
@@ -221,7 +222,7 @@ class RedemptionOut(serializers.Serializer):
     reason = serializers.CharField(allow_null=True, help_text="Why it was rejected or voided.")
 
 
-class RedemptionCursor(CursorPagination):
+class RedemptionCursor(HubCursorPagination):
     page_size = 50
     ordering = ("-created_at", "-id")
 
@@ -242,6 +243,8 @@ class RewardListApi(APIView):
 
 class RedemptionsApi(PersonApi, GenericAPIView):
     pagination_class = RedemptionCursor
+    # What OPTIONS describes as the POST body (DRF's metadata asks a generic view for its serializer).
+    serializer_class = RedemptionIn
 
     def get_queryset(self) -> QuerySet[Redemption]:
         if getattr(self, "swagger_fake_view", False):  # schema generation: no person behind the request
@@ -331,9 +334,9 @@ def _redemption_post_direct(request: HttpRequest) -> HttpResponse | None:
     if person is None:
         return None
     try:
-        # As DRF's parser: UTF-8 only (no BOM), and no NaN or Infinity.
-        body = json.loads(request.body.decode("utf-8"), parse_constant=_not_json)
-    except ValueError:  # UnicodeDecodeError and JSONDecodeError too
+        # The parser DRF's path uses (StrictJSONParser): a body it refuses is DRF's to answer.
+        body = strict_json.loads(request.body)
+    except HubError:
         return None
     plain = _plain_redemption(body)
     if plain is None:
@@ -349,10 +352,6 @@ def _redemption_post_direct(request: HttpRequest) -> HttpResponse | None:
 
 # Reward codes are [a-z0-9-]{2,40}; anything else (spaces to trim, NUL, surrogates, ...) is DRF's to judge.
 _PLAIN_REWARD = re.compile(r"[A-Za-z0-9_-]{1,40}")
-
-
-def _not_json(constant: str) -> Any:
-    raise ValueError(f"{constant} is not JSON")
 
 
 def _plain_redemption(body: Any) -> tuple[str, int] | None:

@@ -171,14 +171,17 @@ def _fresh_rate_windows() -> Iterator[None]:
     """Institution ids repeat from test to test (rolled back), so no test inherits another's window."""
     from django.conf import settings
 
+    from clearinghouse import throttle
     from clearinghouse.redis import redis_client
     from institutions import intake
 
     intake._local_windows.clear()
     intake._reserved.clear()  # requests this process reserved in Redis and has not spent yet
+    throttle._local.clear()  # sign-in, sign-up and link-code windows counted without Redis
     yield
     intake._local_windows.clear()
     intake._reserved.clear()
+    throttle._local.clear()
     client = redis_client()
     # Tests that point Redis at a closed port leave a client that cannot answer: nothing to clean then.
     with contextlib.suppress(Exception):

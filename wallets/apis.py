@@ -16,12 +16,13 @@ from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiResponse, extend_schema, extend_schema_field, inline_serializer
 from rest_framework import serializers
 from rest_framework.generics import ListAPIView
-from rest_framework.pagination import CursorPagination
 from rest_framework.permissions import AllowAny, IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from clearinghouse.pagination import HubCursorPagination
+from clearinghouse.throttle import client_address
 from methodology.models import NormalizedActivity
 from wallets.exceptions import NotAPerson
 from wallets.models import Person
@@ -113,7 +114,7 @@ class ActivityOut(serializers.Serializer):
         return body
 
 
-class ActivityCursor(CursorPagination):
+class ActivityCursor(HubCursorPagination):
     page_size = 50
     ordering = ("-occurred_at", "-id")
 
@@ -214,11 +215,11 @@ class SignupApi(APIView):
         operation_id="auth_signup",
         summary="Become a person: a username and a password, nothing else",
         request=SignupIn,
-        responses={201: TokenOut, 400: PROBLEM, 409: PROBLEM},
+        responses={201: TokenOut, 400: PROBLEM, 409: PROBLEM, 429: PROBLEM},
         auth=[],
     )
     def post(self, request: Request) -> Response:
-        signed_up = person_signup(**_parsed(SignupIn, request.data))
+        signed_up = person_signup(**_parsed(SignupIn, request.data), address=client_address(request.META))
         return Response(TokenOut({"token": signed_up.token}).data, status=201)
 
 
@@ -230,11 +231,11 @@ class TokenApi(APIView):
         operation_id="auth_token",
         summary="Obtain the person's API token",
         request=CredentialsIn,
-        responses={200: TokenOut, 400: PROBLEM, 401: PROBLEM},
+        responses={200: TokenOut, 400: PROBLEM, 401: PROBLEM, 429: PROBLEM},
         auth=[],
     )
     def post(self, request: Request) -> Response:
-        token = person_token_obtain(**_parsed(CredentialsIn, request.data))
+        token = person_token_obtain(**_parsed(CredentialsIn, request.data), address=client_address(request.META))
         return Response(TokenOut({"token": token}).data)
 
 

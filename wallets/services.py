@@ -19,6 +19,7 @@ import hmac
 import logging
 import re
 import secrets
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -28,6 +29,7 @@ from typing import Any
 from cryptography.fernet import InvalidToken
 from django.conf import settings
 from django.contrib.auth import authenticate, get_user_model
+from django.contrib.auth.base_user import AbstractBaseUser
 from django.contrib.auth.password_validation import validate_password
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import IntegrityError, transaction
@@ -35,6 +37,8 @@ from django.db.models import Min
 from django.utils import timezone
 from rest_framework.authtoken.models import Token
 
+from clearinghouse.errors import HubError
+from clearinghouse.throttle import Ticket, Window, throttle_acquire_all, throttle_release, throttle_reset
 from institutions import crypto
 from institutions.models import Institution, OutboxMessage
 from ledger.models import Account, AccountKind
@@ -69,13 +73,77 @@ class SignedUp:
     token: str
 
 
-@transaction.atomic
-def person_signup(*, username: str, password: str) -> SignedUp:
+def _signin_windows() -> tuple[Window, Window]:
+    """(per account, per address), read from the settings on every call (tests change them)."""
+    seconds = settings.HUB_SIGNIN_WINDOW_SECONDS
+    return (
+        Window(
+            "signin-account",
+            settings.HUB_SIGNIN_MAX_FAILURES_PER_ACCOUNT,
+            seconds,
+            "Too many failed sign-ins for this account: at most {limit} in {seconds} s.",
+        ),
+        Window(
+            "signin-address",
+            settings.HUB_SIGNIN_MAX_FAILURES_PER_ADDRESS,
+            seconds,
+            "Too many failed sign-ins from this address: at most {limit} in {seconds} s.",
+        ),
+    )
+
+
+def _signup_windows() -> tuple[Window, Window]:
+    seconds = settings.HUB_SIGNUP_WINDOW_SECONDS
+    return (
+        Window(
+            "signup-account",
+            settings.HUB_SIGNUP_MAX_PER_ACCOUNT,
+            seconds,
+            "Too many sign-ups asking for this username: at most {limit} in {seconds} s.",
+        ),
+        Window(
+            "signup-address",
+            settings.HUB_SIGNUP_MAX_PER_ADDRESS,
+            seconds,
+            "Too many sign-ups from this address: at most {limit} in {seconds} s.",
+        ),
+    )
+
+
+def _account(username: str) -> str:
+    """The throttles' subject for a username: one per account, whatever case or Unicode form is typed."""
+    return unicodedata.normalize("NFKC", username).casefold()
+
+
+def _throttled(windows: tuple[Window, Window], username: str, address: str | None) -> list[Ticket]:
+    """Tickets for one attempt: per address first (when known), then per account; :class:`RateLimited`
+    from either, with nothing counted."""
+    account_window, address_window = windows
+    attempts = [(address_window, address)] if address is not None else []
+    return throttle_acquire_all([*attempts, (account_window, _account(username))])
+
+
+def person_signup(*, username: str, password: str, address: str | None = None) -> SignedUp:
     """Create a user, its person and its API token.
 
     Usernames are unique regardless of case (``Alice`` and ``alice`` would be one person to a reader).
+    Throttled: every attempt counts against ``HUB_SIGNUP_MAX_PER_ACCOUNT`` (per username asked for)
+    and, when the client's ``address`` is given, ``HUB_SIGNUP_MAX_PER_ADDRESS``, in any
+    ``HUB_SIGNUP_WINDOW_SECONDS``; past either, :class:`RateLimited` before anything is checked.
     Raises :class:`UsernameTaken`, or :class:`InvalidPassword` with the validators' ``errors``.
     """
+    tickets = _throttled(_signup_windows(), username, address)
+    try:
+        return _person_create(username=username, password=password)
+    except HubError:
+        raise  # a refused sign-up was an attempt: it counts
+    except BaseException:
+        throttle_release(*tickets)  # the hub failed, not the caller
+        raise
+
+
+@transaction.atomic
+def _person_create(*, username: str, password: str) -> SignedUp:
     user_model = get_user_model()
     username = user_model.normalize_username(username)
     if user_model._default_manager.filter(username__iexact=username).exists():
@@ -97,16 +165,40 @@ def person_signup(*, username: str, password: str) -> SignedUp:
     return SignedUp(person=person, token=token.key)
 
 
-def person_token_obtain(*, username: str, password: str) -> str:
-    """The API token of the person with these credentials (the same token on every call).
+def person_authenticate(*, username: str, password: str, address: str | None = None) -> AbstractBaseUser:
+    """The user of the person with these credentials: the one sign-in check, for the API's token and
+    the persons' pages alike.
+
+    Throttled: at most ``HUB_SIGNIN_MAX_FAILURES_PER_ACCOUNT`` failed sign-ins per account (the username,
+    in any case; unknown ones too) and, when the client's ``address`` is given,
+    ``HUB_SIGNIN_MAX_FAILURES_PER_ADDRESS`` per address, in any ``HUB_SIGNIN_WINDOW_SECONDS``. Past either,
+    :class:`RateLimited` (429, ``Retry-After``) without looking at the password. A success forgets the
+    account's failures and does not count against the address.
 
     Raises :class:`InvalidCredentials` for a wrong password, an unknown or inactive user, and a user
     that is not a person (operators use the admin, not person tokens), alike.
     """
-    user = authenticate(username=username, password=password)
-    if user is None or not Person.objects.filter(user_id=user.pk).exists():
-        raise InvalidCredentials("Unknown username or wrong password.", headers={"WWW-Authenticate": "Token"})
-    token, _ = Token.objects.get_or_create(user=user)
+    account_window, _ = windows = _signin_windows()
+    tickets = _throttled(windows, username, address)
+    try:
+        user = authenticate(username=username, password=password)
+        if user is None or not Person.objects.filter(user_id=user.pk).exists():
+            raise InvalidCredentials("Unknown username or wrong password.", headers={"WWW-Authenticate": "Token"})
+    except InvalidCredentials:
+        raise  # a failure: its tickets stay counted
+    except BaseException:
+        throttle_release(*tickets)  # the hub failed, not the caller
+        raise
+    throttle_release(*tickets)
+    throttle_reset(account_window, _account(username))
+    return user
+
+
+def person_token_obtain(*, username: str, password: str, address: str | None = None) -> str:
+    """The API token of the person with these credentials (the same token on every call); signs in
+    through :func:`person_authenticate` (throttled, raises as it does)."""
+    user = person_authenticate(username=username, password=password, address=address)
+    token, _ = Token.objects.get_or_create(user_id=user.pk)
     return token.key
 
 
@@ -136,13 +228,32 @@ def link_code_hash(code: str) -> str:
     return hmac.new(settings.HUB_SUBJECT_KEY.encode(), message, hashlib.sha256).hexdigest()
 
 
-@transaction.atomic
 def link_code_create(*, person: Person) -> IssuedLinkCode:
     """Issue a fresh single-use code for ``person``; only its hash is stored.
 
-    Locks the person row, so concurrent requests cannot exceed ``HUB_LINK_CODES_LIVE_MAX`` live codes.
-    Raises :class:`TooManyLinkCodes` (with ``Retry-After``: when the soonest live code expires).
+    Throttled: at most ``HUB_LINK_CODE_MAX_PER_PERSON`` attempts per person in any
+    ``HUB_LINK_CODE_WINDOW_SECONDS`` (refused ones count too), else :class:`RateLimited`. Locks the
+    person row, so concurrent requests cannot exceed ``HUB_LINK_CODES_LIVE_MAX`` live codes. Raises
+    :class:`TooManyLinkCodes` (with ``Retry-After``: when the soonest live code expires).
     """
+    window = Window(
+        "link-code",
+        settings.HUB_LINK_CODE_MAX_PER_PERSON,
+        settings.HUB_LINK_CODE_WINDOW_SECONDS,
+        "Too many link codes asked for: at most {limit} in {seconds} s.",
+    )
+    tickets = throttle_acquire_all([(window, str(person.pk))])
+    try:
+        return _link_code_issue(person=person)
+    except HubError:
+        raise
+    except BaseException:
+        throttle_release(*tickets)
+        raise
+
+
+@transaction.atomic
+def _link_code_issue(*, person: Person) -> IssuedLinkCode:
     Person.objects.select_for_update(no_key=True).get(pk=person.pk)
     now = timezone.now()
     live = LinkCode.objects.filter(person=person, used_at__isnull=True, expires_at__gt=now)

@@ -180,6 +180,9 @@ def test_an_id_of_128_characters_is_accepted(client, bank):
     [
         ({"specversion": "0.3"}, {"field": "specversion", "code": "invalid_choice"}),
         ({"type": "carbon.activity.invented"}, {"field": "type", "code": "unknown_type"}),
+        # Found by schemathesis (tests/test_api_fuzz.py): an object or a list as the type was a 500.
+        ({"type": {}}, {"field": "type", "code": "unknown_type"}),
+        ({"type": ["carbon.activity.recorded"]}, {"field": "type", "code": "unknown_type"}),
         ({"time": "2026-11-24T08:00:00"}, {"field": "time", "code": "invalid_rfc3339"}),
         ({"time": "yesterday"}, {"field": "time", "code": "invalid_rfc3339"}),
         ({"datacontenttype": "text/plain"}, {"field": "datacontenttype", "code": "invalid_choice"}),

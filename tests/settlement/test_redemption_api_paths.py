@@ -47,6 +47,8 @@ SCRIPT: list[tuple[str, str, dict[str, str]]] = [
     ("a NUL", '{"reward": "cof\\u0000fee"}', {"Idempotency-Key": "k19"}),
     ("a lone surrogate", '{"reward": "\\ud800"}', {"Idempotency-Key": "k20"}),
     ("a BOM", '\ufeff{"reward": "coffee"}', {"Idempotency-Key": "k21"}),
+    ("a key twice", '{"reward": "tea", "reward": "coffee"}', {"Idempotency-Key": "k23"}),
+    ("a lone surrogate elsewhere", '{"reward": "coffee", "note": "\\udc00"}', {"Idempotency-Key": "k24"}),
     ("Accept empty", '{"reward": "coffee"}', {"Idempotency-Key": "k22", "Accept": ""}),
     ("HTML only", '{"reward": "coffee"}', {"Idempotency-Key": "k13", "Accept": "text/html"}),
     ("bad token", '{"reward": "coffee"}', {"Idempotency-Key": "k14", "Authorization": "Token nope"}),
@@ -114,3 +116,4 @@ def test_the_direct_path_and_drf_answer_alike(client, provider, bank, monkeypatc
     assert statuses["hold"] == statuses["replay"] == statuses["spaces trimmed"] == 201
     assert statuses["too few points"] == statuses["refusal replayed"] == 409
     assert (statuses["bad token"], statuses["not a person"], statuses["HTML only"]) == (401, 403, 406)
+    assert statuses["a key twice"] == statuses["a lone surrogate elsewhere"] == statuses["a BOM"] == 400
