@@ -49,6 +49,7 @@ def server_environment(**extra: str) -> dict[str, str]:
         "DJANGO_DEBUG": "0",
         "DJANGO_SECRET_KEY": settings.SECRET_KEY,
         "DJANGO_ALLOWED_HOSTS": "127.0.0.1,localhost",
+        "DJANGO_SECURE_SSL_REDIRECT": "0",  # plain HTTP straight to the server, no proxy in front
         "HUB_ENCRYPTION_KEYS": ",".join(settings.HUB_ENCRYPTION_KEYS),
         "HUB_SUBJECT_KEY": settings.HUB_SUBJECT_KEY,
         "HUB_REDIS_KEY_PREFIX": settings.HUB_REDIS_KEY_PREFIX,

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 import schemathesis
 from django.core.signals import request_finished, request_started
-from django.db import close_old_connections, connection
+from django.db import close_old_connections
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.core import NotSet
@@ -37,7 +37,6 @@ from schemathesis.specs.openapi.checks import (
 from werkzeug.test import Client
 
 from clearinghouse.wsgi import application
-from institutions.envelope import validate_event
 from settlement.services import cycle_run
 from tests.conftest import Sender, activity, make_sender
 from tests.settlement.conftest import CUT, make_reward, redeem
@@ -136,19 +135,6 @@ def test_an_institutions_answers_match_the_schema(case: Any, world: dict[str, An
     call_and_validate(case, {"Authorization": f"Bearer {bank.api_token}"})
 
 
-def _intake_takes_offsets_postgresql_refuses() -> bool:
-    """Whether the intake still takes a time whose offset PostgreSQL refuses (-22:56): on PostgreSQL its
-    INSERT then fails and the request is a 503 (issue 11, item 1: the intake must refuse it with 422)."""
-    verdict = validate_event({**activity("probe"), "time": "2026-01-01T00:00:00-22:56"})
-    return verdict.parsed is not None and connection.vendor == "postgresql"
-
-
-# Not strict: a strict pass would trip schemathesis' pytest plugin (it expects a failure to carry an
-# exception); the condition turns the marker off once the envelope refuses such offsets.
-@pytest.mark.xfail(
-    condition=_intake_takes_offsets_postgresql_refuses(),
-    reason="a time offset PostgreSQL refuses is a 503 until the intake refuses it (issue 11 item 1)",
-)
 @schema.include(path=INTAKE, method="POST").parametrize()
 @HYPOTHESIS
 def test_the_signed_intakes_answers_match_the_schema(case: Any, world: dict[str, Any]) -> None:
