@@ -7,15 +7,12 @@ the services take a ``signer`` and never import ``institutions``.
 from __future__ import annotations
 
 import logging
-from datetime import date
-from zoneinfo import ZoneInfo
 
 from celery import shared_task
-from django.conf import settings
-from django.utils import timezone
 
 from institutions.services import hub_signing_key
 from ledger import services
+from ledger.units import standard_today
 
 logger = logging.getLogger(__name__)
 
@@ -31,11 +28,6 @@ def hub_signer() -> services.Signer:
         return key.key_id, key.public_key, private.sign(message)
 
     return sign
-
-
-def standard_today() -> date:
-    """Today in the scheme's time zone: lots lapse at the end of a local day (HUB_STANDARD_TIMEZONE)."""
-    return timezone.localdate(timezone=ZoneInfo(settings.HUB_STANDARD_TIMEZONE))
 
 
 @shared_task(acks_late=True, ignore_result=True)

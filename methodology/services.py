@@ -18,6 +18,7 @@ from institutions.handlers import Outcome
 from institutions.models import InboxEvent
 from ledger.models import AccountKind, Posting
 from ledger.services import MAX_AMOUNT
+from ledger.units import MG_PER_GRAM, MG_PER_POINT
 from methodology.books import (
     Credit,
     add_months,
@@ -43,7 +44,7 @@ from wallets.selectors import persons_for_subjects
 # Wide enough that quantity x factor x 1000 is exact for every value the intake accepts
 # (12 + 12 integer and fractional digits times a 20-digit factor).
 EXACT = Context(prec=80)
-THOUSAND = Decimal(1000)
+MG_PER_GRAM_EXACT = Decimal(MG_PER_GRAM)
 ZERO = Decimal(0)
 ONE = Decimal(1)
 GRAMS_DISPLAY = Decimal("0.001")
@@ -260,7 +261,7 @@ def _measure(plans: list[_Plan], weights: dict[str, Decimal]) -> list[Outcome]:
             weight = weights.get(plan.evidence, ONE)
             # quantity x factor is ``grams`` already when nothing was capped (the usual case).
             full = grams if credited_quantity is quantity else credited_quantity * factor.grams_per_unit
-            credited_mg = int((full * THOUSAND * weight).quantize(ONE, ROUND_HALF_EVEN))
+            credited_mg = int((full * MG_PER_GRAM_EXACT * weight).quantize(ONE, ROUND_HALF_EVEN))
             if credited_mg > MAX_AMOUNT:  # the ledger refuses the leg: quarantined before it counts anywhere
                 detail = f"{credited_mg:.3E} mg is more than one credit may be (at most 1E+12 mg, a thousand tonnes)."
                 outcomes.append(Outcome.quarantined("out_of_range", {"reason": "out_of_range", "detail": detail}))
@@ -396,7 +397,7 @@ def _outcome(
         "quantity": format(quantity.normalize(), "f"),
         "unit": unit,
         "grams": str(grams.quantize(GRAMS_DISPLAY, ROUND_HALF_EVEN)),
-        "points": credited_mg // 1000,
+        "points": credited_mg // MG_PER_POINT,
         "credited_mg": credited_mg,
         "factor_version": factor,
         "status": status,
@@ -468,7 +469,7 @@ def activities_reverse(*, events: Sequence[InboxEvent]) -> list[Outcome]:
             Outcome.processed(
                 {
                     "reversed_event": original.event_id,
-                    "points": reversal.milligrams // 1000,
+                    "points": reversal.milligrams // MG_PER_POINT,
                     "reversed_mg": reversal.milligrams,
                     "from_lots_mg": reversal.from_lots_mg,
                     "debt_mg": reversal.debt_mg,

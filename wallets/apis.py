@@ -23,11 +23,11 @@ from rest_framework.views import APIView
 
 from clearinghouse.pagination import HubCursorPagination
 from clearinghouse.throttle import client_address
+from ledger.units import MG_PER_POINT
 from methodology.models import NormalizedActivity
 from wallets.exceptions import NotAPerson
 from wallets.models import Person
 from wallets.selectors import (
-    MG_PER_POINT,
     activities_for_person,
     activity_grams,
     links_for_person,

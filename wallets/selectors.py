@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from datetime import date, timedelta
 from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any
-from zoneinfo import ZoneInfo
 
 from django.conf import settings
 from django.db import connection
@@ -18,6 +17,7 @@ from django.utils import timezone
 from clearinghouse.db import array_literal, text_array_literal
 from institutions.models import Institution
 from ledger.models import Account, AccountKind, Posting
+from ledger.units import MG_PER_POINT, grams_text, standard_today
 from methodology.models import NormalizedActivity
 from wallets.models import LinkAttempt, LinkCode, Membership, Person
 
@@ -74,18 +74,7 @@ def persons_for_subjects(pairs: Iterable[tuple[int, str]]) -> dict[tuple[int, st
 
 # --- The wallet -------------------------------------------------------------------------------------
 
-MG_PER_POINT = 1000
 GRAMS_PLACES = Decimal("0.001")
-
-
-def grams_text(milligrams: int) -> str:
-    """Milligrams as grams with three places, exactly: 144000 -> ``"144.000"``."""
-    return format(Decimal(milligrams).scaleb(-3), "f")
-
-
-def standard_today() -> date:
-    """Today where the scheme keeps its dates: lots lapse at the end of a local day."""
-    return timezone.localdate(timezone=ZoneInfo(settings.HUB_STANDARD_TIMEZONE))
 
 
 @dataclass(frozen=True, slots=True)
