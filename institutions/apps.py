@@ -4,3 +4,10 @@ from django.apps import AppConfig
 class InstitutionsConfig(AppConfig):
     name = "institutions"
     verbose_name = "Institutions and intake"
+
+    def ready(self) -> None:
+        from clearinghouse import keys
+        from institutions.services import hub_signer, hub_trusted_keys
+
+        # The edge keeps the hub's keys; the floors below sign and verify through clearinghouse.keys.
+        keys.register(keys.Keeper(signer=hub_signer, trusted=hub_trusted_keys))

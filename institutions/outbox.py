@@ -62,6 +62,7 @@ from django.utils import timezone
 from clearinghouse.db import copy_rows, rows_update
 from institutions import crypto
 from institutions.models import Credential, DeliveryAttempt, Institution, OutboxMessage
+from institutions.services import hub_signing_key
 
 logger = logging.getLogger(__name__)
 
@@ -457,7 +458,7 @@ def _claim(*, limit: int) -> dict[int, int]:
 
 
 def _signers(institution_ids: Iterable[int]) -> tuple[Any, dict[int, list[bytes]]]:
-    _, private = _hub_key()
+    _, private = hub_signing_key()
     secrets: dict[int, list[bytes]] = {}
     credentials = Credential.objects.filter(
         institution_id__in=list(institution_ids), kind=Credential.Kind.HMAC, status=Credential.Status.ACTIVE
@@ -470,12 +471,6 @@ def _signers(institution_ids: Iterable[int]) -> tuple[Any, dict[int, list[bytes]
         except crypto.MalformedKey:
             logger.error("delivery: HMAC credential %s cannot be unsealed; signing without it", credential.pk)
     return private, secrets
-
-
-def _hub_key() -> tuple[Any, Any]:
-    from institutions.services import hub_signing_key
-
-    return hub_signing_key()
 
 
 def deliveries_send(*, limit: int = 500, rng: random.Random | None = None) -> dict[str, int]:

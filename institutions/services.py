@@ -10,6 +10,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
+from clearinghouse.keys import Signer
 from institutions import crypto
 from institutions.exceptions import InstitutionExists, InvalidCredential, InvalidInstitution
 from institutions.models import Credential, HubKey, Institution
@@ -236,3 +237,19 @@ def hub_public_keys() -> list[HubKey]:
     """Keys institutions should trust: the active one first, then ones still published."""
     hub_signing_key()
     return list(HubKey.objects.exclude(status=HubKey.Status.RETIRED).order_by("status", "-created_at"))
+
+
+def hub_signer() -> Signer:
+    """Sign with the hub's active key (created on first use), naming the key and its public half: the
+    keeper's half of :mod:`clearinghouse.keys`, which the ledger seals blocks with."""
+    key, private = hub_signing_key()
+
+    def sign(message: bytes) -> tuple[str, str, bytes]:
+        return key.key_id, key.public_key, private.sign(message)
+
+    return sign
+
+
+def hub_trusted_keys() -> dict[str, str]:
+    """Every key the hub has published, retired ones included: blocks sealed before a rotation stay valid."""
+    return dict(HubKey.objects.values_list("key_id", "public_key"))

@@ -2,7 +2,7 @@
 
 The ledger imports no other app. Callers name accounts with :class:`AccountKey`, turn them into ids
 with :func:`accounts_ensure`, and post :class:`TransferSpec` batches with :func:`transfers_post`.
-Sealing takes a ``signer`` from the caller (the hub key lives in ``institutions``).
+Sealing takes a ``signer`` from the caller (``clearinghouse.keys.hub_signer``).
 
 On PostgreSQL the hot path is four statements per batch whatever its size: transfers by ``unnest``
 (``ON CONFLICT DO NOTHING``), postings by ``COPY``, one ``SELECT ... FOR NO KEY UPDATE`` of the touched
@@ -26,6 +26,7 @@ from django.db.models import F, Max
 from django.utils import timezone
 
 from clearinghouse.db import copy_rows, text_array_literal
+from clearinghouse.keys import Signer
 from ledger import merkle
 from ledger.exceptions import (
     BalanceOutOfRange,
@@ -46,10 +47,6 @@ from ledger.models import (
     Transfer,
     TransferKind,
 )
-
-# ``signer(message) -> (key_id, public_key, signature)``: Ed25519 over ``message`` by the hub's active key,
-# with the key's id and its public half as ``whpk_<base64>``.
-Signer = Callable[[bytes], tuple[str, str, bytes]]
 
 KEY_MAX_LENGTH = 200
 # Per leg, in mg: a thousand tonnes CO2e, far above any act, far below what a bigint balance can hold.

@@ -1,7 +1,7 @@
 """Celery beat tasks of the ledger: thin shells around idempotent services, safe to run twice or at once.
 
-This module (with the management commands) is the one place the ledger meets the hub's signing key:
-the services take a ``signer`` and never import ``institutions``.
+The services take a ``signer``; the tasks and the management commands get the hub's from
+:mod:`clearinghouse.keys`.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import logging
 
 from celery import shared_task
 
-from institutions.services import hub_signing_key
+from clearinghouse.keys import hub_signer
 from ledger import services
 from ledger.units import standard_today
 
@@ -18,16 +18,6 @@ logger = logging.getLogger(__name__)
 
 # A beat run seals at most this many blocks, so one run stays short; the next run takes the rest.
 SEAL_BLOCKS_PER_RUN = 20
-
-
-def hub_signer() -> services.Signer:
-    """Sign with the hub's active Ed25519 key (created on first use), naming the key and its public half."""
-    key, private = hub_signing_key()
-
-    def sign(message: bytes) -> tuple[str, str, bytes]:
-        return key.key_id, key.public_key, private.sign(message)
-
-    return sign
 
 
 @shared_task(acks_late=True, ignore_result=True)
