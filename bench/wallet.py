@@ -85,9 +85,9 @@ def main() -> None:
     from institutions import crypto
     from institutions.models import InboxEvent, Institution
     from institutions.services import institution_register
+    from ledger.books import add_months
     from ledger.services import AccountKey, TransferSpec, accounts_ensure, lot_expiry, transfers_post
     from ledger.units import standard_today
-    from methodology.books import add_months
     from methodology.models import FactorVersion, NormalizedActivity, Scenario
     from methodology.services import _ACTIVITY_COLUMNS
     from wallets.models import Membership

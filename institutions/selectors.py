@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from django.conf import settings
@@ -97,3 +98,15 @@ def institution_for_token(token: str) -> Institution | None:
     if credential is None or not credential.institution.is_active:
         return None
     return credential.institution
+
+
+def points_validity_months(issuer_ids: Iterable[int]) -> dict[int, int]:
+    """How many months each issuer's points stay valid (its own setting, else ``HUB_POINTS_VALIDITY_MONTHS``):
+    what the ledger's books need to date a credit's lot. No query for no issuers."""
+    ids = list(issuer_ids)
+    months = dict.fromkeys(ids, settings.HUB_POINTS_VALIDITY_MONTHS)
+    if ids:
+        for pk, own in Institution.objects.filter(pk__in=ids).values_list("pk", "points_validity_months"):
+            if own is not None:
+                months[pk] = own
+    return months

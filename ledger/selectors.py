@@ -1,13 +1,15 @@
-"""Reads of the ledger that are more than a query: the invariant check and block verification."""
+"""Reads of the ledger that are more than a query: a transfer's legs, a person's accounts, the
+invariant check and block verification."""
 
 from __future__ import annotations
 
 import base64
 import binascii
 import logging
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import date
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
@@ -27,6 +29,32 @@ logger = logging.getLogger(__name__)
 # Each check reports at most this many offenders; the count says how many there were.
 PROBLEMS_PER_CHECK = 20
 PUBLIC_KEY_PREFIX = "whpk_"  # the hub's public keys are published as ``whpk_<base64 of 32 bytes>``
+
+
+@dataclass(frozen=True, slots=True)
+class Leg:
+    """One posting of a transfer, with what the apps above may know of its account."""
+
+    transfer_key: str
+    kind: str  # the account's kind
+    issuer_id: int
+    expires_on: date | None  # the account's, for a lot
+    amount: int  # signed mg
+
+
+def transfer_legs(*, idempotency_keys: Iterable[str]) -> list[Leg]:
+    """The legs of the transfers with these keys (none for a key never posted), in posting order."""
+    keys = list(idempotency_keys)
+    if not keys:
+        return []
+    rows = (
+        Posting.objects.filter(transfer__idempotency_key__in=keys)
+        .order_by("id")
+        .values_list(
+            "transfer__idempotency_key", "account__kind", "account__issuer_id", "account__expires_on", "amount"
+        )
+    )
+    return [Leg(*row) for row in rows]
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,11 +34,11 @@ from institutions.outbox import (
     outbox_message_id,
     outbox_replay,
 )
+from ledger.books import owner_lock_id, owners_lock, person_owner
 from ledger.exceptions import InsufficientBalance
 from ledger.models import Account, AccountKind, TransferKind
 from ledger.services import AccountKey, TransferSpec, accounts_ensure, transfers_post
 from ledger.units import MG_PER_POINT, standard_today
-from methodology.books import owner_lock_id, owners_lock, person_owner
 from settlement import netting
 from settlement.digest import CARRY_SOURCE_PREFIX, party_lines, statement_digest
 from settlement.exceptions import (

@@ -41,10 +41,10 @@ from clearinghouse.errors import HubError
 from clearinghouse.throttle import Ticket, Window, throttle_acquire_all, throttle_release, throttle_reset
 from institutions import crypto
 from institutions.models import Institution, OutboxMessage
+from ledger.books import holdings_consolidate, owners_lock, person_owner, subject_owner
 from ledger.models import Account, AccountKind
 from ledger.services import AccountKey, TransferSpec, accounts_ensure, sweep_keys, transfers_post
-from methodology.books import owners_lock, person_owner, subject_owner
-from methodology.services import subject_pool
+from methodology.services import subject_activities_adopt
 from wallets.exceptions import InvalidCredentials, InvalidPassword, LinkNotFound, TooManyLinkCodes, UsernameTaken
 from wallets.models import LinkAttempt, LinkCode, Membership, Person
 
@@ -363,13 +363,33 @@ def account_link(
     )
     _code_use(code, institution, now)
     # Points the subject earned before the link pool into the person's wallet, in this transaction.
-    subject_pool(
+    _subject_pool(
         person_id=person_id,
         institution_id=institution.pk,
         subject_ref=subject_ref,
         link_key=f"consolidate:{membership.pk}",
     )
     return decide(Result.LINKED, person_id=person_id, membership=membership)
+
+
+def _subject_pool(*, person_id: int, institution_id: int, subject_ref: str, link_key: str) -> dict[str, int]:
+    """Consolidate a subject that just linked to a person (in the linking transaction).
+
+    Under the owners' locks (the subject's, then the person's, as crediting takes them): the subject's
+    activities and fingerprints become the person's, acts the person already had credited being
+    ``duplicate_act`` (methodology); then its holding lots move into the person's wallet lots in one
+    transfer keyed ``link_key``, the duplicates' points taken back instead (the ledger's books).
+    """
+    owners_lock([subject_owner(institution_id, subject_ref)])
+    owners_lock([person_owner(person_id)])
+    duplicates = subject_activities_adopt(person_id=person_id, institution_id=institution_id, subject_ref=subject_ref)
+    return holdings_consolidate(
+        person_id=person_id,
+        institution_id=institution_id,
+        subject_ref=subject_ref,
+        duplicates=duplicates,
+        link_key=link_key,
+    )
 
 
 def _code_use(code: LinkCode, institution: Institution, now: datetime) -> None:
