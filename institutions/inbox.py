@@ -27,6 +27,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from itertools import groupby
+from typing import Any
 
 from django.conf import settings
 from django.db import DataError, connection, transaction
@@ -276,3 +277,12 @@ def inbox_replay(*, ids: Iterable[int]) -> int:
 
         transaction.on_commit(inbox_kick, robust=True)
     return count
+
+
+def inbox_events_redact(*, ids: Iterable[int], data: dict[str, Any]) -> int:
+    """Replace the data of handled rows with ``data`` and drop their sealed subject ids; returns how many.
+
+    For a handler whose events carry what must not outlive their handling (a link code in clear, the
+    subject id a membership now keeps sealed itself). Runs in the caller's transaction (the dispatcher's).
+    """
+    return InboxEvent.objects.filter(pk__in=list(ids)).update(data=data, subject_sealed="")

@@ -45,7 +45,7 @@ import ssl
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -62,7 +62,7 @@ from django.utils import timezone
 from clearinghouse.db import copy_rows, rows_update
 from institutions import crypto
 from institutions.models import Credential, DeliveryAttempt, Institution, OutboxMessage
-from institutions.services import hub_signing_key
+from institutions.services import hub_signing_key, sealed_subjects_reseal
 
 logger = logging.getLogger(__name__)
 
@@ -173,6 +173,17 @@ def outbox_body(message: OutboxMessage) -> str:
     event = json.loads(message.body)
     event["data"]["subject"] = crypto.unseal(message.subject_sealed)
     return json.dumps(event, separators=(",", ":"), ensure_ascii=False)
+
+
+def outbox_subjects_sealed() -> int:
+    """How many messages keep a person's subject id sealed (what a key rotation reseals)."""
+    return OutboxMessage.objects.exclude(subject_sealed="").count()
+
+
+def outbox_subjects_reseal(*, batch_size: int = 500, on_batch: Callable[[int], None] | None = None) -> int:
+    """Re-encrypt the subject ids sealed in messages under the newest ``HUB_ENCRYPTION_KEYS`` key, batch
+    by batch (:func:`institutions.services.sealed_subjects_reseal`); returns how many."""
+    return sealed_subjects_reseal(model=OutboxMessage, batch_size=batch_size, on_batch=on_batch)
 
 
 def outbox_deliver_after_commit() -> None:
