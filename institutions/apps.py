@@ -7,6 +7,7 @@ class InstitutionsConfig(AppConfig):
 
     def ready(self) -> None:
         from clearinghouse import keys
+        from institutions import tasks  # noqa: F401  (registers the tasks the wake-ups enqueue by name)
         from institutions.services import hub_signer, hub_trusted_keys
 
         # The edge keeps the hub's keys; the floors below sign and verify through clearinghouse.keys.

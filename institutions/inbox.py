@@ -36,6 +36,7 @@ from django.db.models.functions import Cast
 from django.utils import timezone
 
 from clearinghouse.db import rows_update
+from institutions import kicks
 from institutions.handlers import Outcome, handled_types, handler_for
 from institutions.models import InboxEvent
 
@@ -273,9 +274,7 @@ def inbox_replay(*, ids: Iterable[int]) -> int:
         processed_at=None,
     )
     if count:
-        from institutions.tasks import inbox_kick
-
-        transaction.on_commit(inbox_kick, robust=True)
+        transaction.on_commit(kicks.inbox_kick, robust=True)
     return count
 
 

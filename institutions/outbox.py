@@ -60,7 +60,7 @@ from django.db.models import Case, DateTimeField, F, Q, Value, When
 from django.utils import timezone
 
 from clearinghouse.db import copy_rows, rows_update
-from institutions import crypto
+from institutions import crypto, kicks
 from institutions.models import Credential, DeliveryAttempt, Institution, OutboxMessage
 from institutions.services import hub_signing_key, sealed_subjects_reseal
 
@@ -192,9 +192,7 @@ def outbox_deliver_after_commit() -> None:
 
     The wake-up is coalesced per process (``deliveries_kick_soon``): it may trail the commit by up to
     ``HUB_DELIVERY_KICK_COALESCE_SECONDS``; with in-process tasks it sends at once."""
-    from institutions.tasks import deliveries_kick_soon
-
-    transaction.on_commit(deliveries_kick_soon, robust=True)
+    transaction.on_commit(kicks.deliveries_kick_soon, robust=True)
 
 
 # --- Schedule ---------------------------------------------------------------------------------------
