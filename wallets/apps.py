@@ -1,12 +1,14 @@
 from django.apps import AppConfig
 
+from methodology import persons
+
 
 class WalletsConfig(AppConfig):
     name = "wallets"
     verbose_name = "Persons and links"
 
     def ready(self) -> None:
-        from methodology import persons
+        # Imported here, once the models are loaded (the app's own modules; nothing of another app).
         from wallets import handlers  # noqa: F401  (registers the event handlers)
         from wallets.selectors import persons_for_subjects
 
