@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from django.conf import settings
 
 from institutions import crypto
-from institutions.models import Credential, Institution
+from institutions.models import Credential, InboxEvent, Institution
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,3 +110,15 @@ def points_validity_months(issuer_ids: Iterable[int]) -> dict[int, int]:
             if own is not None:
                 months[pk] = own
     return months
+
+
+def inbox_events_named(*, type: str, pairs: Iterable[tuple[int, str]]) -> dict[tuple[int, str], InboxEvent]:
+    """The inbox rows of ``type`` named by (institution id, event id), keyed so: how a handler finds the
+    earlier event a new one refers to (a reversal's original). One query."""
+    wanted = set(pairs)
+    if not wanted:
+        return {}
+    rows = InboxEvent.objects.filter(
+        type=type, institution_id__in={i for i, _ in wanted}, event_id__in={e for _, e in wanted}
+    )
+    return {(row.institution_id, row.event_id): row for row in rows}

@@ -16,7 +16,7 @@ from clearinghouse.db import array_literal, copy_rows, text_array_literal
 from institutions.envelope import ACTIVITY_RECORDED
 from institutions.handlers import Outcome
 from institutions.models import InboxEvent
-from institutions.selectors import points_validity_months
+from institutions.selectors import inbox_events_named, points_validity_months
 from ledger.books import (
     Credit,
     add_months,
@@ -430,14 +430,9 @@ def activities_reverse(*, events: Sequence[InboxEvent]) -> list[Outcome]:
     """``carbon.activity.reversed``: take back the credit of an earlier recorded event of the same
     institution. An unknown or never-credited original is quarantined (an operator can replay both
     once the original is processed); an original still waiting is retried later."""
-    originals = {
-        (row.institution_id, row.event_id): row
-        for row in InboxEvent.objects.filter(
-            type=ACTIVITY_RECORDED,
-            institution_id__in={e.institution_id for e in events},
-            event_id__in={e.data["event_id"] for e in events},
-        )
-    }
+    originals = inbox_events_named(
+        type=ACTIVITY_RECORDED, pairs={(e.institution_id, e.data["event_id"]) for e in events}
+    )
     subjects = {(e.institution_id, e.subject_ref) for e in events}
     owners_lock(subject_owner(i, r) for i, r in subjects)
     persons = persons_for_subjects(subjects)
