@@ -45,7 +45,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 # The hub's own code, as the image holds it (COPY . .): every module here must import in the fresh install.
-APPS = ["clearinghouse", "institutions", "ledger", "methodology", "wallets", "settlement"]
+APPS = ["clearinghouse", "institutions", "ledger", "methodology", "wallets", "settlement", "demo"]
 INSTITUTION = "fresh-install-bank"
 STEP_TIMEOUT = 90  # seconds, for any one wait below
 

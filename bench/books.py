@@ -1,4 +1,4 @@
-"""Crediting measured activities into the books: ``methodology.books.credits_post`` on PostgreSQL,
+"""Crediting measured activities into the books: ``ledger.books.credits_post`` on PostgreSQL,
 against the same credits one per transaction and against django-hordak's ``transfer_to``.
 
     .venv/bin/python bench/books.py [--credits 20000] [--batch 1000] [--repeats 3] [--owners 10000]
@@ -250,11 +250,12 @@ def main() -> None:
     from django.core.management import call_command
     from django.db import connection, transaction
 
+    from institutions.selectors import points_validity_months
     from institutions.services import institution_register
+    from ledger.books import Credit, credits_post, lot_expiries
     from ledger.models import Account, Posting, Transfer
     from ledger.selectors import ledger_check
     from ledger.services import AccountKey, accounts_ensure
-    from methodology.books import Credit, credits_post, lot_expiries
 
     # The template: migrated, with the issuers registered. Every run starts from a copy of it.
     call_command("migrate", "--noinput", verbosity=0)
@@ -292,7 +293,7 @@ def main() -> None:
         days: dict[int, set[date]] = {}
         for c in credits:
             days.setdefault(c.issuer_id, set()).add(c.local_day)
-        expiries = lot_expiries(days)
+        expiries = lot_expiries(days, points_validity_months(days))
         keys = {AccountKey.issuer_outstanding(issuer_id=i) for i in days}
         for c in credits:
             expires_on = expiries[(c.issuer_id, c.local_day)]
@@ -334,7 +335,9 @@ def main() -> None:
         for start in range(0, len(credits), batch):
             with transaction.atomic():
                 entered = time.perf_counter()
-                credits_post(credits[start : start + batch])
+                # The issuers' validity is read per batch, as normalization reads it.
+                chunk = credits[start : start + batch]
+                credits_post(chunk, validity_months=points_validity_months({c.issuer_id for c in chunk}))
                 inside += time.perf_counter() - entered
         elapsed = time.perf_counter() - started
         cpu, db = time.process_time() - cpu_before, proc_cpu_seconds(backend) - db_before

@@ -96,9 +96,9 @@ def main() -> None:
         institution_register(code="bench-shop", name="Bench shop", hmac=True, is_provider=True)
         Institution.objects.filter(code="bench-shop").update(endpoint_url=f"http://127.0.0.1:{port}/hooks")
         institution = Institution.objects.get(code="bench-shop")
-        from institutions import tasks
+        from institutions import kicks
 
-        kick, tasks.deliveries_kick = tasks.deliveries_kick, lambda: None  # the embedded hub would send on commit
+        kick, kicks.deliveries_kick = kicks.deliveries_kick, lambda: None  # the embedded hub would send on commit
         with transaction.atomic():
             for i in range(args.messages):
                 outbox.outbox_enqueue(
@@ -106,7 +106,7 @@ def main() -> None:
                     type="carbon.redemption.requested",
                     data={"redemption_id": f"r-{i}", "reward": "coffee", "points": 100, "quantity": 1, "subject": None},
                 )
-        tasks.deliveries_kick = kick
+        kicks.deliveries_kick = kick
         started = time.perf_counter()
         tally = outbox.deliveries_drain(limit=args.batch, budget_seconds=600)
         elapsed = time.perf_counter() - started

@@ -63,10 +63,10 @@ def main() -> None:
     from django.core.management import call_command
     from django.db import connection
 
+    from clearinghouse.keys import hub_signer
     from ledger.models import Account, Posting, Transfer
     from ledger.selectors import blocks_verify, ledger_check
     from ledger.services import AccountKey, TransferSpec, accounts_ensure, blocks_seal, transfers_post
-    from ledger.tasks import hub_signer
 
     expires_on = date(2028, 11, 30)
 

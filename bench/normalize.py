@@ -127,7 +127,7 @@ def main() -> None:
         assert handler is not None
         original_credits_post = services.credits_post
         if not credit:
-            services.credits_post = lambda credits: None
+            services.credits_post = lambda credits, *, validity_months: None
         ids = list(InboxEvent.objects.order_by("id").values_list("id", flat=True))
         batches = [
             list(InboxEvent.objects.filter(pk__in=ids[i : i + args.batch]).order_by("id"))

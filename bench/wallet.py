@@ -85,12 +85,13 @@ def main() -> None:
     from institutions import crypto
     from institutions.models import InboxEvent, Institution
     from institutions.services import institution_register
+    from ledger.books import add_months
     from ledger.services import AccountKey, TransferSpec, accounts_ensure, lot_expiry, transfers_post
-    from methodology.books import add_months
+    from ledger.units import standard_today
     from methodology.models import FactorVersion, NormalizedActivity, Scenario
     from methodology.services import _ACTIVITY_COLUMNS
     from wallets.models import Membership
-    from wallets.selectors import standard_today, wallet_summary
+    from wallets.selectors import wallet_summary
     from wallets.services import person_signup
 
     try:

@@ -82,6 +82,7 @@ INSTALLED_APPS = [
     "methodology",
     "wallets",
     "settlement",
+    "demo",  # the top floor: demo_setup, demo_traffic (development only; nothing imports it)
 ]
 
 MIDDLEWARE = [

@@ -27,6 +27,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from itertools import groupby
+from typing import Any
 
 from django.conf import settings
 from django.db import DataError, connection, transaction
@@ -35,6 +36,7 @@ from django.db.models.functions import Cast
 from django.utils import timezone
 
 from clearinghouse.db import rows_update
+from institutions import kicks
 from institutions.handlers import Outcome, handled_types, handler_for
 from institutions.models import InboxEvent
 
@@ -272,7 +274,14 @@ def inbox_replay(*, ids: Iterable[int]) -> int:
         processed_at=None,
     )
     if count:
-        from institutions.tasks import inbox_kick
-
-        transaction.on_commit(inbox_kick, robust=True)
+        transaction.on_commit(kicks.inbox_kick, robust=True)
     return count
+
+
+def inbox_events_redact(*, ids: Iterable[int], data: dict[str, Any]) -> int:
+    """Replace the data of handled rows with ``data`` and drop their sealed subject ids; returns how many.
+
+    For a handler whose events carry what must not outlive their handling (a link code in clear, the
+    subject id a membership now keeps sealed itself). Runs in the caller's transaction (the dispatcher's).
+    """
+    return InboxEvent.objects.filter(pk__in=list(ids)).update(data=data, subject_sealed="")

@@ -35,7 +35,7 @@ from clearinghouse.errors import (
     UnsupportedMediaType,
 )
 from clearinghouse.redis import redis_client
-from institutions import crypto
+from institutions import crypto, kicks
 from institutions.envelope import SEAL_SUBJECT, Error, EventVerdict, validate_event
 from institutions.models import InboxEvent
 from institutions.selectors import Verifier, institution_verifier
@@ -602,6 +602,4 @@ _group_commit = _GroupCommit()
 
 
 def _kick_processing() -> None:
-    from institutions.tasks import inbox_kick_soon
-
-    inbox_kick_soon()
+    kicks.inbox_kick_soon()

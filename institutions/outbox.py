@@ -45,7 +45,7 @@ import ssl
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -60,8 +60,9 @@ from django.db.models import Case, DateTimeField, F, Q, Value, When
 from django.utils import timezone
 
 from clearinghouse.db import copy_rows, rows_update
-from institutions import crypto
+from institutions import crypto, kicks
 from institutions.models import Credential, DeliveryAttempt, Institution, OutboxMessage
+from institutions.services import hub_signing_key, sealed_subjects_reseal
 
 logger = logging.getLogger(__name__)
 
@@ -174,15 +175,24 @@ def outbox_body(message: OutboxMessage) -> str:
     return json.dumps(event, separators=(",", ":"), ensure_ascii=False)
 
 
+def outbox_subjects_sealed() -> int:
+    """How many messages keep a person's subject id sealed (what a key rotation reseals)."""
+    return OutboxMessage.objects.exclude(subject_sealed="").count()
+
+
+def outbox_subjects_reseal(*, batch_size: int = 500, on_batch: Callable[[int], None] | None = None) -> int:
+    """Re-encrypt the subject ids sealed in messages under the newest ``HUB_ENCRYPTION_KEYS`` key, batch
+    by batch (:func:`institutions.services.sealed_subjects_reseal`); returns how many."""
+    return sealed_subjects_reseal(model=OutboxMessage, batch_size=batch_size, on_batch=on_batch)
+
+
 def outbox_deliver_after_commit() -> None:
     """Wake the delivery worker once the surrounding transaction has committed: a new message, or
     an operator's change that makes messages due (a retry, a replay, a re-enabled endpoint).
 
     The wake-up is coalesced per process (``deliveries_kick_soon``): it may trail the commit by up to
     ``HUB_DELIVERY_KICK_COALESCE_SECONDS``; with in-process tasks it sends at once."""
-    from institutions.tasks import deliveries_kick_soon
-
-    transaction.on_commit(deliveries_kick_soon, robust=True)
+    transaction.on_commit(kicks.deliveries_kick_soon, robust=True)
 
 
 # --- Schedule ---------------------------------------------------------------------------------------
@@ -457,7 +467,7 @@ def _claim(*, limit: int) -> dict[int, int]:
 
 
 def _signers(institution_ids: Iterable[int]) -> tuple[Any, dict[int, list[bytes]]]:
-    _, private = _hub_key()
+    _, private = hub_signing_key()
     secrets: dict[int, list[bytes]] = {}
     credentials = Credential.objects.filter(
         institution_id__in=list(institution_ids), kind=Credential.Kind.HMAC, status=Credential.Status.ACTIVE
@@ -470,12 +480,6 @@ def _signers(institution_ids: Iterable[int]) -> tuple[Any, dict[int, list[bytes]
         except crypto.MalformedKey:
             logger.error("delivery: HMAC credential %s cannot be unsealed; signing without it", credential.pk)
     return private, secrets
-
-
-def _hub_key() -> tuple[Any, Any]:
-    from institutions.services import hub_signing_key
-
-    return hub_signing_key()
 
 
 def deliveries_send(*, limit: int = 500, rng: random.Random | None = None) -> dict[str, int]:

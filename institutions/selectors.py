@@ -5,12 +5,13 @@ from __future__ import annotations
 import base64
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from django.conf import settings
 
 from institutions import crypto
-from institutions.models import Credential, Institution
+from institutions.models import Credential, InboxEvent, Institution
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,3 +98,27 @@ def institution_for_token(token: str) -> Institution | None:
     if credential is None or not credential.institution.is_active:
         return None
     return credential.institution
+
+
+def points_validity_months(issuer_ids: Iterable[int]) -> dict[int, int]:
+    """How many months each issuer's points stay valid (its own setting, else ``HUB_POINTS_VALIDITY_MONTHS``):
+    what the ledger's books need to date a credit's lot. No query for no issuers."""
+    ids = list(issuer_ids)
+    months = dict.fromkeys(ids, settings.HUB_POINTS_VALIDITY_MONTHS)
+    if ids:
+        for pk, own in Institution.objects.filter(pk__in=ids).values_list("pk", "points_validity_months"):
+            if own is not None:
+                months[pk] = own
+    return months
+
+
+def inbox_events_named(*, type: str, pairs: Iterable[tuple[int, str]]) -> dict[tuple[int, str], InboxEvent]:
+    """The inbox rows of ``type`` named by (institution id, event id), keyed so: how a handler finds the
+    earlier event a new one refers to (a reversal's original). One query."""
+    wanted = set(pairs)
+    if not wanted:
+        return {}
+    rows = InboxEvent.objects.filter(
+        type=type, institution_id__in={i for i, _ in wanted}, event_id__in={e for _, e in wanted}
+    )
+    return {(row.institution_id, row.event_id): row for row in rows}

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import re
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
+from cryptography.fernet import InvalidToken
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, models, transaction
 from django.utils import timezone
 
+from clearinghouse.keys import Signer
 from institutions import crypto
 from institutions.exceptions import InstitutionExists, InvalidCredential, InvalidInstitution
 from institutions.models import Credential, HubKey, Institution
@@ -236,3 +240,61 @@ def hub_public_keys() -> list[HubKey]:
     """Keys institutions should trust: the active one first, then ones still published."""
     hub_signing_key()
     return list(HubKey.objects.exclude(status=HubKey.Status.RETIRED).order_by("status", "-created_at"))
+
+
+def hub_signer() -> Signer:
+    """Sign with the hub's active key (created on first use), naming the key and its public half: the
+    keeper's half of :mod:`clearinghouse.keys`, which the ledger seals blocks with."""
+    key, private = hub_signing_key()
+
+    def sign(message: bytes) -> tuple[str, str, bytes]:
+        return key.key_id, key.public_key, private.sign(message)
+
+    return sign
+
+
+def hub_trusted_keys() -> dict[str, str]:
+    """Every key the hub has published, retired ones included: blocks sealed before a rotation stay valid."""
+    return dict(HubKey.objects.values_list("key_id", "public_key"))
+
+
+# --- Sealed subjects ---------------------------------------------------------------------------------
+
+
+def sealed_subjects_reseal(
+    *, model: type[models.Model], batch_size: int = 500, on_batch: Callable[[int], None] | None = None
+) -> int:
+    """Re-encrypt the ``subject_sealed`` column of ``model`` under the newest ``HUB_ENCRYPTION_KEYS`` key
+    (the rows where it is set); the hub's sealing is the edge's, whichever app's table holds the column.
+
+    Runs in batches of ``batch_size``, each committed on its own with its rows locked, so an interrupted
+    run can simply be started again; ``on_batch(rows resealed)`` is called after each batch. Returns how
+    many rows were resealed. Raises :class:`~institutions.crypto.MalformedKey` naming the row when a
+    sealed subject cannot be decrypted with any configured key (the rows before it stay resealed).
+    """
+    manager: Any = model._default_manager
+    done = 0
+    last_pk = 0
+    while True:
+        with transaction.atomic():
+            rows = list(
+                manager.select_for_update()
+                .filter(pk__gt=last_pk)
+                .exclude(subject_sealed="")
+                .order_by("pk")[:batch_size]
+            )
+            if not rows:
+                return done
+            for row in rows:
+                try:
+                    row.subject_sealed = crypto.reseal(row.subject_sealed)
+                except InvalidToken as exc:
+                    raise crypto.MalformedKey(
+                        f"{str(model._meta.verbose_name).capitalize()} {row.pk}: its sealed subject cannot be"
+                        " decrypted with any configured key."
+                    ) from exc
+            manager.bulk_update(rows, ["subject_sealed"])
+        last_pk = rows[-1].pk
+        done += len(rows)
+        if on_batch is not None:
+            on_batch(len(rows))

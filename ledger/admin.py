@@ -8,12 +8,13 @@ from django.utils.html import format_html
 from clearinghouse.admin import ReadOnlyAdmin, ReadOnlyInline
 from ledger.models import Account, Block, Posting, Transfer
 from ledger.selectors import block_status_recall, block_status_remember, block_verify
+from ledger.units import MG_PER_GRAM
 
 
 def milligrams(value: int) -> str:
     """1,234,567 mg as ``1,234.567 g``: points are grams, the ledger keeps milligrams."""
     sign = "-" if value < 0 else ""
-    grams, mg = divmod(abs(value), 1000)
+    grams, mg = divmod(abs(value), MG_PER_GRAM)
     return f"{sign}{grams:,}.{mg:03d} g"
 
 

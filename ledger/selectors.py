@@ -1,13 +1,16 @@
-"""Reads of the ledger that are more than a query: the invariant check and block verification."""
+"""Reads of the ledger that are more than a query: a transfer's legs, a person's accounts, the
+invariant check and block verification."""
 
 from __future__ import annotations
 
 import base64
 import binascii
 import logging
-from collections.abc import Callable, Iterator, Mapping
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import date, datetime
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
@@ -19,7 +22,7 @@ from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from ledger import merkle
-from ledger.models import NON_NEGATIVE_KINDS, NON_POSITIVE_KINDS, Account, Block, Posting, Transfer
+from ledger.models import NON_NEGATIVE_KINDS, NON_POSITIVE_KINDS, Account, AccountKind, Block, Posting, Transfer
 from ledger.services import block_header_of, leaf_rows, leaves_root
 
 logger = logging.getLogger(__name__)
@@ -27,6 +30,85 @@ logger = logging.getLogger(__name__)
 # Each check reports at most this many offenders; the count says how many there were.
 PROBLEMS_PER_CHECK = 20
 PUBLIC_KEY_PREFIX = "whpk_"  # the hub's public keys are published as ``whpk_<base64 of 32 bytes>``
+
+
+@dataclass(frozen=True, slots=True)
+class Leg:
+    """One posting of a transfer, with what the apps above may know of its account."""
+
+    transfer_key: str
+    kind: str  # the account's kind
+    issuer_id: int
+    expires_on: date | None  # the account's, for a lot
+    amount: int  # signed mg
+
+
+def transfer_legs(*, idempotency_keys: Iterable[str]) -> list[Leg]:
+    """The legs of the transfers with these keys (none for a key never posted), in posting order."""
+    keys = list(idempotency_keys)
+    if not keys:
+        return []
+    rows = (
+        Posting.objects.filter(transfer__idempotency_key__in=keys)
+        .order_by("id")
+        .values_list(
+            "transfer__idempotency_key", "account__kind", "account__issuer_id", "account__expires_on", "amount"
+        )
+    )
+    return [Leg(*row) for row in rows]
+
+
+@dataclass(frozen=True, slots=True)
+class Balance:
+    """One account of a person, as a wallet reads it."""
+
+    kind: str
+    issuer_id: int
+    expires_on: date | None
+    balance: int  # mg
+
+
+def person_balances(*, person_id: int, live_on: date) -> list[Balance]:
+    """The person's wallet lots with points that have not lapsed by ``live_on`` (``expires_on >= live_on``;
+    a lot past it that the daily sweep has not moved yet no longer counts) and their debts: one query
+    through the ``ledger_account_person`` index, at most issuers x months rows."""
+    rows = Account.objects.filter(
+        Q(kind=AccountKind.WALLET_LOT, balance__gt=0, expires_on__gte=live_on)
+        | Q(kind=AccountKind.DEBT, balance__lt=0),
+        person_id=person_id,
+    ).values_list("kind", "issuer_id", "expires_on", "balance")
+    return [Balance(*row) for row in rows]
+
+
+@dataclass(frozen=True, slots=True)
+class AccountHistory:
+    """One account of a person with every posting to it, oldest first: what a person's export shows."""
+
+    kind: str
+    issuer_id: int
+    expires_on: date | None
+    balance: int
+    postings: list[tuple[str, str, int, datetime]]  # (transfer key, transfer kind, amount in mg, posted at)
+
+
+def person_accounts(*, person_id: int) -> list[AccountHistory]:
+    """Every account of the person (by kind, issuer, expiry) with its postings: two queries."""
+    accounts = list(
+        Account.objects.filter(person_id=person_id)
+        .order_by("kind", "issuer_id", "expires_on", "id")
+        .values_list("id", "kind", "issuer_id", "expires_on", "balance")
+    )
+    postings: dict[int, list[tuple[str, str, int, datetime]]] = defaultdict(list)
+    for account_id, key, kind, amount, at in (
+        Posting.objects.filter(account_id__in=[a[0] for a in accounts])
+        .order_by("account_id", "id")
+        .values_list("account_id", "transfer__idempotency_key", "transfer__kind", "amount", "created_at")
+    ):
+        postings[account_id].append((key, kind, amount, at))
+    return [
+        AccountHistory(kind, issuer_id, expires_on, balance, postings.get(account_id, []))
+        for account_id, kind, issuer_id, expires_on, balance in accounts
+    ]
 
 
 @dataclass(frozen=True, slots=True)

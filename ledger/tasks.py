@@ -1,41 +1,23 @@
 """Celery beat tasks of the ledger: thin shells around idempotent services, safe to run twice or at once.
 
-This module (with the management commands) is the one place the ledger meets the hub's signing key:
-the services take a ``signer`` and never import ``institutions``.
+The services take a ``signer``; the tasks and the management commands get the hub's from
+:mod:`clearinghouse.keys`.
 """
 
 from __future__ import annotations
 
 import logging
-from datetime import date
-from zoneinfo import ZoneInfo
 
 from celery import shared_task
-from django.conf import settings
-from django.utils import timezone
 
-from institutions.services import hub_signing_key
+from clearinghouse.keys import hub_signer
 from ledger import services
+from ledger.units import standard_today
 
 logger = logging.getLogger(__name__)
 
 # A beat run seals at most this many blocks, so one run stays short; the next run takes the rest.
 SEAL_BLOCKS_PER_RUN = 20
-
-
-def hub_signer() -> services.Signer:
-    """Sign with the hub's active Ed25519 key (created on first use), naming the key and its public half."""
-    key, private = hub_signing_key()
-
-    def sign(message: bytes) -> tuple[str, str, bytes]:
-        return key.key_id, key.public_key, private.sign(message)
-
-    return sign
-
-
-def standard_today() -> date:
-    """Today in the scheme's time zone: lots lapse at the end of a local day (HUB_STANDARD_TIMEZONE)."""
-    return timezone.localdate(timezone=ZoneInfo(settings.HUB_STANDARD_TIMEZONE))
 
 
 @shared_task(acks_late=True, ignore_result=True)

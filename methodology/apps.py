@@ -6,4 +6,4 @@ class MethodologyConfig(AppConfig):
     verbose_name = "Unified carbon standard"
 
     def ready(self) -> None:
-        from methodology import handlers  # noqa: F401  (registers the event handlers)
+        from methodology import handlers, privacy  # noqa: F401  (register the event handlers, the export section)

@@ -1,13 +1,19 @@
-"""Reads of the unified standard."""
+"""Reads of the unified standard and of measured activities."""
 
 from __future__ import annotations
 
 from datetime import date
+from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any
 
+from django.db.models import QuerySet
 from django.utils import timezone
 
+from ledger.units import MG_PER_POINT
+from methodology.models import NormalizedActivity
 from methodology.standard import current_standard
+
+GRAMS_PLACES = Decimal("0.001")
 
 
 def published_standard(*, on: date | None = None) -> list[dict[str, Any]]:
@@ -37,3 +43,46 @@ def published_standard(*, on: date | None = None) -> list[dict[str, Any]]:
             }
         )
     return scenarios
+
+
+# --- Measured activities ----------------------------------------------------------------------------
+
+
+def activities_for_person(*, person_id: int) -> QuerySet[NormalizedActivity]:
+    """The person's measured activities, newest first (the ``activity_person_recent`` index), with the
+    institution and scenario joined in."""
+    return (
+        NormalizedActivity.objects.filter(person_id=person_id)
+        .select_related("institution", "scenario")
+        .order_by("-occurred_at", "-id")
+    )
+
+
+def activity_grams(activity: NormalizedActivity) -> str:
+    """Measured grams with three places, rounded as the event's outcome shows them."""
+    return str(activity.grams.quantize(GRAMS_PLACES, ROUND_HALF_EVEN))
+
+
+def activities_export(*, person_id: int) -> list[dict[str, Any]]:
+    """The person's activities as their export shows them, newest first."""
+    activities = (
+        activities_for_person(person_id=person_id).select_related("factor_version__scenario").iterator(chunk_size=2000)
+    )
+    return [
+        {
+            "institution": a.institution.code,
+            "scenario": a.scenario.code,
+            "time": a.occurred_at,
+            "quantity": format(a.quantity.normalize(), "f"),
+            "unit": a.scenario.unit,
+            "grams": activity_grams(a),
+            "points": a.credited_mg // MG_PER_POINT,
+            "credited_mg": a.credited_mg,
+            "factor_version": a.factor_version.label,
+            "evidence": a.evidence,
+            "status": a.status,
+            "reason": a.reason or None,
+            "recorded_at": a.created_at,
+        }
+        for a in activities
+    ]

@@ -16,19 +16,20 @@ from clearinghouse.db import array_literal, copy_rows, text_array_literal
 from institutions.envelope import ACTIVITY_RECORDED
 from institutions.handlers import Outcome
 from institutions.models import InboxEvent
-from ledger.models import AccountKind, Posting
-from ledger.services import MAX_AMOUNT
-from methodology.books import (
+from institutions.selectors import inbox_events_named, points_validity_months
+from ledger.books import (
     Credit,
     add_months,
+    credit_legs,
     credit_reverse,
     credits_post,
-    holdings_consolidate,
     owners_lock,
     person_owner,
     subject_owner,
-    validity_months,
 )
+from ledger.models import AccountKind
+from ledger.services import MAX_AMOUNT
+from ledger.units import MG_PER_GRAM, MG_PER_POINT
 from methodology.models import (
     GRAMS_DIGITS,
     QUANTITY_DIGITS,
@@ -37,13 +38,13 @@ from methodology.models import (
     NormalizedActivity,
     StandardRevision,
 )
+from methodology.persons import persons_for_subjects
 from methodology.standard import Resolved, ScenarioInfo, Unresolved, current_standard, period_start
-from wallets.selectors import persons_for_subjects
 
 # Wide enough that quantity x factor x 1000 is exact for every value the intake accepts
 # (12 + 12 integer and fractional digits times a 20-digit factor).
 EXACT = Context(prec=80)
-THOUSAND = Decimal(1000)
+MG_PER_GRAM_EXACT = Decimal(MG_PER_GRAM)
 ZERO = Decimal(0)
 ONE = Decimal(1)
 GRAMS_DISPLAY = Decimal("0.001")
@@ -161,7 +162,7 @@ def _without_unexpirable(plans: list[_Plan], outcomes: list[Outcome | None]) -> 
     """Quarantine the acts whose points would expire after 9999 (an act dated late in the 9990s, or
     an issuer's long validity); the others, in order."""
     late = [p for p in plans if p.resolved.local_day.year >= _EXPIRY_CHECK_FROM_YEAR]
-    months = validity_months({p.event.institution_id for p in late})
+    months = points_validity_months({p.event.institution_id for p in late})
     kept = []
     for plan in plans:
         try:
@@ -260,7 +261,7 @@ def _measure(plans: list[_Plan], weights: dict[str, Decimal]) -> list[Outcome]:
             weight = weights.get(plan.evidence, ONE)
             # quantity x factor is ``grams`` already when nothing was capped (the usual case).
             full = grams if credited_quantity is quantity else credited_quantity * factor.grams_per_unit
-            credited_mg = int((full * THOUSAND * weight).quantize(ONE, ROUND_HALF_EVEN))
+            credited_mg = int((full * MG_PER_GRAM_EXACT * weight).quantize(ONE, ROUND_HALF_EVEN))
             if credited_mg > MAX_AMOUNT:  # the ledger refuses the leg: quarantined before it counts anywhere
                 detail = f"{credited_mg:.3E} mg is more than one credit may be (at most 1E+12 mg, a thousand tonnes)."
                 outcomes.append(Outcome.quarantined("out_of_range", {"reason": "out_of_range", "detail": detail}))
@@ -307,7 +308,7 @@ def _measure(plans: list[_Plan], weights: dict[str, Decimal]) -> list[Outcome]:
             )
 
     copy_rows(NormalizedActivity, _ACTIVITY_COLUMNS, activity_rows)
-    credits_post(credits)
+    credits_post(credits, validity_months=points_validity_months({c.issuer_id for c in credits if c.milligrams > 0}))
     copy_rows(ActFingerprint, ("owner_key", "fingerprint", "inbox_event_id", "created_at"), fingerprint_rows)
     if touched:
         _usage_save({key: usage[key] for key in touched})
@@ -396,7 +397,7 @@ def _outcome(
         "quantity": format(quantity.normalize(), "f"),
         "unit": unit,
         "grams": str(grams.quantize(GRAMS_DISPLAY, ROUND_HALF_EVEN)),
-        "points": credited_mg // 1000,
+        "points": credited_mg // MG_PER_POINT,
         "credited_mg": credited_mg,
         "factor_version": factor,
         "status": status,
@@ -429,14 +430,9 @@ def activities_reverse(*, events: Sequence[InboxEvent]) -> list[Outcome]:
     """``carbon.activity.reversed``: take back the credit of an earlier recorded event of the same
     institution. An unknown or never-credited original is quarantined (an operator can replay both
     once the original is processed); an original still waiting is retried later."""
-    originals = {
-        (row.institution_id, row.event_id): row
-        for row in InboxEvent.objects.filter(
-            type=ACTIVITY_RECORDED,
-            institution_id__in={e.institution_id for e in events},
-            event_id__in={e.data["event_id"] for e in events},
-        )
-    }
+    originals = inbox_events_named(
+        type=ACTIVITY_RECORDED, pairs={(e.institution_id, e.data["event_id"]) for e in events}
+    )
     subjects = {(e.institution_id, e.subject_ref) for e in events}
     owners_lock(subject_owner(i, r) for i, r in subjects)
     persons = persons_for_subjects(subjects)
@@ -468,7 +464,7 @@ def activities_reverse(*, events: Sequence[InboxEvent]) -> list[Outcome]:
             Outcome.processed(
                 {
                     "reversed_event": original.event_id,
-                    "points": reversal.milligrams // 1000,
+                    "points": reversal.milligrams // MG_PER_POINT,
                     "reversed_mg": reversal.milligrams,
                     "from_lots_mg": reversal.from_lots_mg,
                     "debt_mg": reversal.debt_mg,
@@ -483,15 +479,15 @@ class OriginalPending(Exception):
     """A reversal arrived before its original was processed; the dispatcher retries it later."""
 
 
-def subject_pool(*, person_id: int, institution_id: int, subject_ref: str, link_key: str) -> dict[str, int]:
-    """Consolidate a subject that just linked to a person (called in the linking transaction).
+def subject_activities_adopt(*, person_id: int, institution_id: int, subject_ref: str) -> dict[tuple[int, date], int]:
+    """A subject just linked to a person: its activities and fingerprints become the person's (called in
+    the linking transaction, under the owners' locks of the subject and then the person).
 
-    The subject's holding lots move into the person's wallet lots in one transfer, except acts the
-    person already has credited (the same fingerprint, reported elsewhere first): those are taken
-    back as ``duplicate_act``. The subject's activities and fingerprints become the person's.
+    Acts the person already has credited (the same fingerprint, reported elsewhere first) are marked
+    ``duplicate_act``. Returns what their credits put into the subject's holding lots, in milligrams per
+    (issuer, expiry): consolidation (``ledger.books.holdings_consolidate``) takes that back instead of
+    pooling it.
     """
-    owners_lock([subject_owner(institution_id, subject_ref)])
-    owners_lock([person_owner(person_id)])
     mine = person_owner(person_id)
     held = NormalizedActivity.objects.filter(
         institution_id=institution_id, subject_ref=subject_ref, person__isnull=True
@@ -507,23 +503,16 @@ def subject_pool(*, person_id: int, institution_id: int, subject_ref: str, link_
     duplicate_ids = [prints[fp] for fp in known]
     duplicates: dict[tuple[int, date], int] = {}
     if duplicate_ids:
-        lots = Posting.objects.filter(
-            transfer__idempotency_key__in=[f"activity:{i}" for i in duplicate_ids],
-            account__kind=AccountKind.HOLDING_LOT,
-        ).values_list("account__issuer_id", "account__expires_on", "amount")
-        for issuer_id, expires_on, amount in lots:
-            assert expires_on is not None  # every lot has an expiry
-            duplicates[(issuer_id, expires_on)] = duplicates.get((issuer_id, expires_on), 0) + amount
+        for leg in credit_legs(inbox_event_ids=duplicate_ids):
+            if leg.kind != AccountKind.HOLDING_LOT:
+                continue
+            assert leg.expires_on is not None  # every lot has an expiry
+            duplicates[(leg.issuer_id, leg.expires_on)] = (
+                duplicates.get((leg.issuer_id, leg.expires_on), 0) + leg.amount
+            )
         NormalizedActivity.objects.filter(inbox_event_id__in=duplicate_ids).update(
             status=Status.DUPLICATE, reason=Reason.DUPLICATE_ACT
         )
-    totals = holdings_consolidate(
-        person_id=person_id,
-        institution_id=institution_id,
-        subject_ref=subject_ref,
-        duplicates=duplicates,
-        link_key=link_key,
-    )
     now = timezone.now()
     ActFingerprint.objects.bulk_create(
         [
@@ -534,4 +523,4 @@ def subject_pool(*, person_id: int, institution_id: int, subject_ref: str, link_
         ignore_conflicts=True,
     )
     held.update(person_id=person_id)
-    return totals
+    return duplicates

@@ -5,4 +5,4 @@ class SettlementConfig(AppConfig):
     name = "settlement"
 
     def ready(self) -> None:
-        from settlement import handlers  # noqa: F401  (registers the event handlers)
+        from settlement import handlers, privacy  # noqa: F401  (register the event handlers, the privacy parts)

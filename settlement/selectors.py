@@ -14,6 +14,7 @@ from django.db.models import Prefetch, Q, QuerySet
 from django.utils import timezone
 
 from institutions.models import Institution
+from ledger.units import MG_PER_POINT, grams_text
 from settlement import netting
 from settlement.digest import CARRY_SOURCE_PREFIX, party_lines, statement_digest
 from settlement.models import (
@@ -28,7 +29,6 @@ from settlement.models import (
     Reward,
 )
 from wallets.models import Person
-from wallets.selectors import MG_PER_POINT, grams_text
 
 
 def cycle_positions(*, cycle: Cycle) -> list[NetPosition]:

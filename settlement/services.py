@@ -34,10 +34,11 @@ from institutions.outbox import (
     outbox_message_id,
     outbox_replay,
 )
+from ledger.books import owner_lock_id, owners_lock, person_owner
 from ledger.exceptions import InsufficientBalance
 from ledger.models import Account, AccountKind, TransferKind
 from ledger.services import AccountKey, TransferSpec, accounts_ensure, transfers_post
-from methodology.books import owner_lock_id, owners_lock, person_owner
+from ledger.units import MG_PER_POINT, standard_today
 from settlement import netting
 from settlement.digest import CARRY_SOURCE_PREFIX, party_lines, statement_digest
 from settlement.exceptions import (
@@ -83,7 +84,6 @@ from settlement.models import (
 )
 from settlement.selectors import redemption_body, redemption_json
 from wallets.models import Membership, Person
-from wallets.selectors import MG_PER_POINT, standard_today
 from wallets.services import person_erase
 
 logger = logging.getLogger(__name__)

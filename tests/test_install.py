@@ -23,7 +23,7 @@ from packaging.utils import canonicalize_name
 ROOT = Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 # The hub's code as the image runs it (the rest of the tree, tests and bench, is never imported there).
-RUNTIME_CODE = ["clearinghouse", "institutions", "ledger", "methodology", "wallets", "settlement"]
+RUNTIME_CODE = ["clearinghouse", "institutions", "ledger", "methodology", "wallets", "settlement", "demo"]
 RUNTIME_FILES = ["manage.py", "gunicorn.conf.py"]
 
 

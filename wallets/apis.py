@@ -23,13 +23,12 @@ from rest_framework.views import APIView
 
 from clearinghouse.pagination import HubCursorPagination
 from clearinghouse.throttle import client_address
+from ledger.units import MG_PER_POINT
 from methodology.models import NormalizedActivity
+from methodology.selectors import activities_for_person, activity_grams
 from wallets.exceptions import NotAPerson
 from wallets.models import Person
 from wallets.selectors import (
-    MG_PER_POINT,
-    activities_for_person,
-    activity_grams,
     links_for_person,
     person_export,
     person_for_user,
@@ -303,7 +302,7 @@ class ActivityListApi(PersonApi, ListAPIView):
     def get_queryset(self) -> QuerySet[NormalizedActivity]:
         if getattr(self, "swagger_fake_view", False):  # schema generation: no person behind the request
             return NormalizedActivity.objects.none()
-        return activities_for_person(self.person(self.request))
+        return activities_for_person(person_id=self.person(self.request).pk)
 
     @extend_schema(
         operation_id="activities_list",

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from institutions.envelope import ACCOUNT_LINKED, ACCOUNT_UNLINKED
 from institutions.handlers import Outcome, register
+from institutions.inbox import inbox_events_redact
 from institutions.models import InboxEvent, Institution
 from wallets.services import account_link, account_unlink
 
@@ -39,7 +40,7 @@ def handle_account_linked(events: Sequence[InboxEvent]) -> Sequence[Outcome]:
     # Handled: the link code is spent and the subject id lives on in the membership (sealed there), so
     # the event keeps neither. Nothing else of the hub can name the subject from the inbox afterwards,
     # whatever happens to the person later (erasure has nothing to find here).
-    InboxEvent.objects.filter(pk__in=[event.pk for event in events]).update(data=REDACTED_LINK_DATA, subject_sealed="")
+    inbox_events_redact(ids=[event.pk for event in events], data=REDACTED_LINK_DATA)
     return outcomes
 
 

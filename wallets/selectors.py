@@ -6,19 +6,19 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import date, timedelta
-from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any
-from zoneinfo import ZoneInfo
 
 from django.conf import settings
 from django.db import connection
-from django.db.models import Q, QuerySet
+from django.db.models import Q
 from django.utils import timezone
 
+from clearinghouse import privacy
 from clearinghouse.db import array_literal, text_array_literal
 from institutions.models import Institution
-from ledger.models import Account, AccountKind, Posting
-from methodology.models import NormalizedActivity
+from ledger.models import AccountKind
+from ledger.selectors import person_accounts, person_balances
+from ledger.units import MG_PER_POINT, grams_text, standard_today
 from wallets.models import LinkAttempt, LinkCode, Membership, Person
 
 
@@ -73,19 +73,6 @@ def persons_for_subjects(pairs: Iterable[tuple[int, str]]) -> dict[tuple[int, st
 
 
 # --- The wallet -------------------------------------------------------------------------------------
-
-MG_PER_POINT = 1000
-GRAMS_PLACES = Decimal("0.001")
-
-
-def grams_text(milligrams: int) -> str:
-    """Milligrams as grams with three places, exactly: 144000 -> ``"144.000"``."""
-    return format(Decimal(milligrams).scaleb(-3), "f")
-
-
-def standard_today() -> date:
-    """Today where the scheme keeps its dates: lots lapse at the end of a local day."""
-    return timezone.localdate(timezone=ZoneInfo(settings.HUB_STANDARD_TIMEZONE))
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,15 +136,12 @@ def wallet_summary(person: Person, *, today: date | None = None) -> WalletSummar
     """
     today = today or standard_today()
     horizon = today + timedelta(days=settings.HUB_EXPIRING_SOON_DAYS)
-    rows = Account.objects.filter(
-        Q(kind=AccountKind.WALLET_LOT, balance__gt=0, expires_on__gte=today) | Q(kind=AccountKind.DEBT, balance__lt=0),
-        person_id=person.pk,
-    ).values_list("kind", "issuer_id", "expires_on", "balance")
     held: dict[int, int] = defaultdict(int)
     soonest: dict[int, date] = {}
     expiring: dict[date, int] = defaultdict(int)
     debt = 0
-    for kind, issuer_id, expires_on, balance in rows:
+    for row in person_balances(person_id=person.pk, live_on=today):
+        kind, issuer_id, expires_on, balance = row.kind, row.issuer_id, row.expires_on, row.balance
         if kind == AccountKind.DEBT:
             debt -= balance
             continue
@@ -182,24 +166,6 @@ def wallet_summary(person: Person, *, today: date | None = None) -> WalletSummar
         ],
         debt_milligrams=debt,
     )
-
-
-# --- Activities -------------------------------------------------------------------------------------
-
-
-def activities_for_person(person: Person) -> QuerySet[NormalizedActivity]:
-    """The person's measured activities, newest first (the ``activity_person_recent`` index), with the
-    institution and scenario joined in."""
-    return (
-        NormalizedActivity.objects.filter(person=person)
-        .select_related("institution", "scenario")
-        .order_by("-occurred_at", "-id")
-    )
-
-
-def activity_grams(activity: NormalizedActivity) -> str:
-    """Measured grams with three places, rounded as the event's outcome shows them."""
-    return str(activity.grams.quantize(GRAMS_PLACES, ROUND_HALF_EVEN))
 
 
 # --- Export -----------------------------------------------------------------------------------------
@@ -227,30 +193,20 @@ def person_export(person: Person) -> dict[str, Any]:
     """Everything the hub holds about ``person``, as one JSON-ready document (dates and times as Python
     values; the API's renderer writes them in ISO 8601).
 
-    Read-only. Leaves out on purpose what is not the person's to read or would undo the privacy of
-    others: institutions' subject ids, their keyed hashes and sealed copies, link codes and their
-    hashes, owner keys and act fingerprints, and the ledger's accounts of other holders. Builds the
-    document in memory: a person has at most issuers x months accounts, and activities are bounded by
-    the caps of the standard.
+    Read-only. The wallets' own sections (the person, links, link codes and attempts, the wallet, the
+    ledger's accounts of the person with their postings), then every section another app registered
+    with :mod:`clearinghouse.privacy` (methodology's activities, settlement's redemptions). Leaves out on
+    purpose what is not the person's to read or would undo the privacy of others: institutions' subject
+    ids, their keyed hashes and sealed copies, link codes and their hashes, owner keys and act
+    fingerprints, and the ledger's accounts of other holders. Builds the document in memory: a person has
+    at most issuers x months accounts, and activities are bounded by the caps of the standard.
     """
     user = person.user
-    accounts = list(
-        Account.objects.filter(person_id=person.pk)
-        .order_by("kind", "issuer_id", "expires_on", "id")
-        .values_list("id", "kind", "issuer_id", "expires_on", "balance")
-    )
-    postings: dict[int, list[dict[str, Any]]] = defaultdict(list)
-    for account_id, key, kind, amount, at in (
-        Posting.objects.filter(account_id__in=[a[0] for a in accounts])
-        .order_by("account_id", "id")
-        .values_list("account_id", "transfer__idempotency_key", "transfer__kind", "amount", "created_at")
-    ):
-        postings[account_id].append({"transfer": key, "kind": kind, "amount_mg": amount, "at": at})
-    issuers = dict(Institution.objects.filter(pk__in={a[2] for a in accounts}).values_list("pk", "code"))
+    accounts = person_accounts(person_id=person.pk)
+    issuers = dict(Institution.objects.filter(pk__in={a.issuer_id for a in accounts}).values_list("pk", "code"))
     links = Membership.objects.filter(person=person).select_related("institution").order_by("linked_at", "pk")
     codes = LinkCode.objects.filter(person=person).select_related("used_by").order_by("created_at", "pk")
     attempts = LinkAttempt.objects.filter(person=person).select_related("institution").order_by("created_at", "pk")
-    activities = activities_for_person(person).select_related("factor_version__scenario").iterator(chunk_size=2000)
     return {
         "format": EXPORT_FORMAT,
         "exported_at": timezone.now(),
@@ -282,39 +238,16 @@ def person_export(person: Person) -> dict[str, Any]:
         "wallet": wallet_json(wallet_summary(person)),
         "accounts": [
             {
-                "kind": kind,
-                "issuer": issuers.get(issuer_id, str(issuer_id)),
-                "expires_on": expires_on,
-                "balance_mg": balance,
-                "postings": postings.get(account_id, []),
+                "kind": account.kind,
+                "issuer": issuers.get(account.issuer_id, str(account.issuer_id)),
+                "expires_on": account.expires_on,
+                "balance_mg": account.balance,
+                "postings": [
+                    {"transfer": key, "kind": kind, "amount_mg": amount, "at": at}
+                    for key, kind, amount, at in account.postings
+                ],
             }
-            for account_id, kind, issuer_id, expires_on, balance in accounts
+            for account in accounts
         ],
-        "activities": [
-            {
-                "institution": a.institution.code,
-                "scenario": a.scenario.code,
-                "time": a.occurred_at,
-                "quantity": format(a.quantity.normalize(), "f"),
-                "unit": a.scenario.unit,
-                "grams": activity_grams(a),
-                "points": a.credited_mg // MG_PER_POINT,
-                "credited_mg": a.credited_mg,
-                "factor_version": a.factor_version.label,
-                "evidence": a.evidence,
-                "status": a.status,
-                "reason": a.reason or None,
-                "recorded_at": a.created_at,
-            }
-            for a in activities
-        ],
-        "redemptions": _redemptions(person),
+        **privacy.export_sections(person.pk),
     }
-
-
-def _redemptions(person: Person) -> list[dict[str, Any]]:
-    """The person's redemptions as ``GET /me/redemptions`` shows them, oldest first."""
-    # Imported here: settlement builds on wallets (its rows name persons), not the other way round.
-    from settlement.selectors import redemption_json, redemptions_for_person
-
-    return [redemption_json(r) for r in reversed(list(redemptions_for_person(person)))]

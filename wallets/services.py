@@ -24,9 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from math import ceil
-from typing import Any
 
-from cryptography.fernet import InvalidToken
 from django.conf import settings
 from django.contrib.auth import authenticate, get_user_model
 from django.contrib.auth.base_user import AbstractBaseUser
@@ -37,14 +35,15 @@ from django.db.models import Min
 from django.utils import timezone
 from rest_framework.authtoken.models import Token
 
+from clearinghouse import privacy
 from clearinghouse.errors import HubError
 from clearinghouse.throttle import Ticket, Window, throttle_acquire_all, throttle_release, throttle_reset
-from institutions import crypto
-from institutions.models import Institution, OutboxMessage
-from ledger.models import Account, AccountKind
-from ledger.services import AccountKey, TransferSpec, accounts_ensure, sweep_keys, transfers_post
-from methodology.books import owners_lock, person_owner, subject_owner
-from methodology.services import subject_pool
+from institutions.models import Institution
+from institutions.outbox import outbox_subjects_reseal, outbox_subjects_sealed
+from institutions.services import sealed_subjects_reseal
+from ledger.books import holdings_consolidate, owners_lock, person_owner, subject_owner
+from ledger.services import person_lots_forfeit
+from methodology.services import subject_activities_adopt
 from wallets.exceptions import InvalidCredentials, InvalidPassword, LinkNotFound, TooManyLinkCodes, UsernameTaken
 from wallets.models import LinkAttempt, LinkCode, Membership, Person
 
@@ -363,13 +362,33 @@ def account_link(
     )
     _code_use(code, institution, now)
     # Points the subject earned before the link pool into the person's wallet, in this transaction.
-    subject_pool(
+    _subject_pool(
         person_id=person_id,
         institution_id=institution.pk,
         subject_ref=subject_ref,
         link_key=f"consolidate:{membership.pk}",
     )
     return decide(Result.LINKED, person_id=person_id, membership=membership)
+
+
+def _subject_pool(*, person_id: int, institution_id: int, subject_ref: str, link_key: str) -> dict[str, int]:
+    """Consolidate a subject that just linked to a person (in the linking transaction).
+
+    Under the owners' locks (the subject's, then the person's, as crediting takes them): the subject's
+    activities and fingerprints become the person's, acts the person already had credited being
+    ``duplicate_act`` (methodology); then its holding lots move into the person's wallet lots in one
+    transfer keyed ``link_key``, the duplicates' points taken back instead (the ledger's books).
+    """
+    owners_lock([subject_owner(institution_id, subject_ref)])
+    owners_lock([person_owner(person_id)])
+    duplicates = subject_activities_adopt(person_id=person_id, institution_id=institution_id, subject_ref=subject_ref)
+    return holdings_consolidate(
+        person_id=person_id,
+        institution_id=institution_id,
+        subject_ref=subject_ref,
+        duplicates=duplicates,
+        link_key=link_key,
+    )
 
 
 def _code_use(code: LinkCode, institution: Institution, now: datetime) -> None:
@@ -429,34 +448,17 @@ def subjects_reseal(*, batch_size: int = 500, progress: Callable[[int, int], Non
     resealed. Raises :class:`~institutions.crypto.MalformedKey` naming the row when a sealed subject
     cannot be decrypted with any configured key (the rows before it stay resealed).
     """
-    models: tuple[Any, ...] = (Membership, OutboxMessage)  # both have subject_sealed
-    total = sum(model.objects.exclude(subject_sealed="").count() for model in models)
+    total = Membership.objects.exclude(subject_sealed="").count() + outbox_subjects_sealed()
     done = 0
-    for model in models:
-        last_pk = 0
-        while True:
-            with transaction.atomic():
-                rows = list(
-                    model.objects.select_for_update()
-                    .filter(pk__gt=last_pk)
-                    .exclude(subject_sealed="")
-                    .order_by("pk")[:batch_size]
-                )
-                if not rows:
-                    break
-                for row in rows:
-                    try:
-                        row.subject_sealed = crypto.reseal(row.subject_sealed)
-                    except InvalidToken as exc:
-                        raise crypto.MalformedKey(
-                            f"{model._meta.verbose_name.capitalize()} {row.pk}: its sealed subject cannot be"
-                            " decrypted with any configured key."
-                        ) from exc
-                model.objects.bulk_update(rows, ["subject_sealed"])
-            last_pk = rows[-1].pk
-            done += len(rows)
-            if progress is not None:
-                progress(done, total)
+
+    def batch_done(rows: int) -> None:
+        nonlocal done
+        done += rows
+        if progress is not None:
+            progress(done, total)
+
+    sealed_subjects_reseal(model=Membership, batch_size=batch_size, on_batch=batch_done)
+    outbox_subjects_reseal(batch_size=batch_size, on_batch=batch_done)
     return done
 
 
@@ -478,15 +480,15 @@ class PersonErased:
 def person_erase(*, person: Person) -> PersonErased:
     """Erase a person (DESIGN.md, identity and privacy), in one transaction.
 
-    - Every wallet lot of the person with points left is forfeited to ``expired(issuer)``: one
-      ``forfeit`` transfer per lot, key ``forfeit:<person id>:<account id>`` (if that key was used by an
-      earlier erasure and the lot received points since, ``...:after-<last posting id>``). Issuer
-      totals therefore still balance (ledger invariant 4).
-    - Memberships (links), link codes and the stored answers to the person's redemption requests
-      (their Idempotency-Keys) are deleted, and so are the sealed subject ids on the handled account
-      events of the person's subjects; redemptions stay, pseudonymous; link attempts stay for the
-      institutions' failure budgets, detached from the person. The subject's later events find no link
-      and are held for the subject, as for anyone unlinked.
+    - Every wallet lot of the person with points left is forfeited to ``expired(issuer)``
+      (``ledger.services.person_lots_forfeit``: one ``forfeit`` transfer per lot, key
+      ``forfeit:<person id>:<account id>``, ``...:after-<last posting id>`` if an earlier erasure used it
+      and the lot received points since). Issuer totals therefore still balance (ledger invariant 4).
+    - Memberships (links) and link codes are deleted, and so is what the other apps registered with
+      :mod:`clearinghouse.privacy` (settlement: the stored answers to the person's redemption requests,
+      their Idempotency-Keys); redemptions stay, pseudonymous; link attempts stay for the institutions'
+      failure budgets, detached from the person. The subject's later events find no link and are held
+      for the subject, as for anyone unlinked. (A link event keeps no subject id once handled.)
     - The Django user is deleted, and with it its API token; the person can no longer sign in or use
       the token. The person row stays as a bare pseudonym with ``erased_at``, so normalized activities,
       cap usage and ledger amounts stay consistent and pseudonymous under it (``person_id`` unchanged).
@@ -514,46 +516,13 @@ def person_erase(*, person: Person) -> PersonErased:
     )
     owners_lock(subject_owner(institution_id, subject_ref) for institution_id, subject_ref in subjects)
     owners_lock([person_owner(person.pk)])
-
-    lots = list(
-        Account.objects.filter(person_id=person.pk, kind=AccountKind.WALLET_LOT, balance__gt=0).values_list(
-            "id", "issuer_id"
-        )
-    )
-    forfeited = transfers = 0
-    if lots:
-        expired = accounts_ensure(keys={AccountKey.expired(issuer_id=issuer_id) for _, issuer_id in lots})
-        expired_by_issuer = {key.issuer_id: account_id for key, account_id in expired.items()}
-        # Read the balances under the lock (FOR NO KEY UPDATE, as the posting engine takes it, in id order).
-        balances = dict(
-            Account.objects.select_for_update(no_key=True)
-            .filter(id__in=sorted({lot for lot, _ in lots} | set(expired_by_issuer.values())))
-            .order_by("id")
-            .values_list("id", "balance")
-        )
-        keys = sweep_keys({lot: f"forfeit:{person.pk}:{lot}" for lot, _ in lots})
-        specs = [
-            TransferSpec(
-                idempotency_key=keys[lot],
-                kind="forfeit",
-                legs=[(lot, -balances[lot]), (expired_by_issuer[issuer_id], balances[lot])],
-                metadata={"reason": "erasure"},
-            )
-            for lot, issuer_id in lots
-            if balances[lot] > 0  # spent or expired meanwhile: nothing to forfeit
-        ]
-        created = transfers_post(transfers=specs).created
-        forfeited = sum(spec.legs[1][1] for spec in specs if spec.idempotency_key in created)
-        transfers = len(created)
+    forfeited = person_lots_forfeit(person_id=person.pk)
 
     LinkAttempt.objects.filter(person=person).update(person=None)
     # The links, with their sealed subject ids: the only copies once a link event is handled.
     links_deleted, _ = Membership.objects.filter(person=person).delete()
-    # The answers kept for the person's Idempotency-Keys: the person can make no request any more, so
-    # nothing will replay them. The redemptions themselves stay, pseudonymous, with the books.
-    from settlement.models import RedemptionRequest  # settlement builds on wallets, not the reverse
-
-    RedemptionRequest.objects.filter(person=person).delete()
+    # What the other apps hold about the person (settlement: the answers kept for their Idempotency-Keys).
+    privacy.erase(person.pk)
     user_id = person.user_id
     if person.erased_at is None:
         person.erased_at = now
@@ -562,10 +531,12 @@ def person_erase(*, person: Person) -> PersonErased:
         # The token goes with the user (CASCADE); Person.user is set to NULL (SET_NULL), which the
         # person_user_or_erased constraint allows now that erased_at is set.
         get_user_model()._default_manager.filter(pk=user_id).delete()
-    logger.info("person %s erased: %d mg forfeited in %d transfers", person.pseudonym, forfeited, transfers)
+    logger.info(
+        "person %s erased: %d mg forfeited in %d transfers", person.pseudonym, forfeited.milligrams, forfeited.transfers
+    )
     return PersonErased(
-        forfeited_mg=forfeited,
-        forfeit_transfers=transfers,
+        forfeited_mg=forfeited.milligrams,
+        forfeit_transfers=forfeited.transfers,
         links_deleted=links_deleted,
         link_codes_deleted=codes_deleted,
         user_deleted=user_id is not None,

@@ -19,7 +19,7 @@ from django.utils import timezone
 
 from clearinghouse.celery import app as celery_app
 from clearinghouse.redis import redis_client
-from institutions import tasks
+from institutions import kicks, tasks
 from institutions.models import InboxEvent
 from tests.conftest import activity, make_sender, post_events
 
@@ -85,9 +85,9 @@ def test_intake_commits_without_a_broker_and_the_sweeper_catches_up_once_it_is_b
     # A drain queued by an earlier test would make the kick skip its publish.
     kick_store = redis_client()
     assert kick_store is not None
-    kick_store.delete(tasks.KICK_KEY)
+    kick_store.delete(kicks.KICK_KEY)
 
-    with broker(DEAD_BROKER), caplog.at_level(logging.WARNING, logger="institutions.tasks"):
+    with broker(DEAD_BROKER), caplog.at_level(logging.WARNING, logger="institutions.kicks"):
         started = time.monotonic()
         response = post_events(client, sender, events)
         took = time.monotonic() - started

@@ -14,6 +14,7 @@ from django.test import Client, override_settings
 
 from clearinghouse.redis import redis_client
 from institutions import intake, outbox, tasks
+from institutions import kicks as wakeups
 from institutions.models import InboxEvent
 from tests.conftest import activity, make_sender, post_events
 
@@ -128,7 +129,7 @@ class Kicks(list):
     """The kicks a coalescer let through (their times), the coalescer itself as ``soon``, and the
     interval it coalesces over."""
 
-    soon: tasks.KickCoalescer
+    soon: wakeups.KickCoalescer
     interval: float = 0.2
 
 
@@ -143,7 +144,7 @@ def kicks() -> Iterator[Kicks]:
         with lock:
             calls.append(time.monotonic())
 
-    calls.soon = tasks.KickCoalescer(record, interval=lambda: calls.interval)
+    calls.soon = wakeups.KickCoalescer(record, interval=lambda: calls.interval)
     with override_settings(CELERY_TASK_ALWAYS_EAGER=False):
         yield calls
 
@@ -184,6 +185,12 @@ def test_without_coalescing_every_commit_kicks(kicks):
     assert len(kicks) == 5
 
 
+def test_the_wake_ups_name_the_edges_tasks():
+    """The kicks enqueue by name (they cannot import the tasks, which import the services that kick)."""
+    assert wakeups._task(wakeups.INBOX_DRAIN_TASK).run is tasks.inbox_drain.run
+    assert wakeups._task(wakeups.DELIVERIES_SEND_TASK).run is tasks.deliveries_send_due.run
+
+
 INBOX_INTERVAL, DELIVERY_INTERVAL = "HUB_INBOX_KICK_COALESCE_SECONDS", "HUB_DELIVERY_KICK_COALESCE_SECONDS"
 
 
@@ -196,10 +203,10 @@ INBOX_INTERVAL, DELIVERY_INTERVAL = "HUB_INBOX_KICK_COALESCE_SECONDS", "HUB_DELI
 )
 def test_the_intake_and_the_deliveries_coalesce_on_their_own_intervals(monkeypatch, soon, kick, own, other):
     sent: list[float] = []
-    monkeypatch.setattr(tasks, kick, lambda: sent.append(time.monotonic()))
+    monkeypatch.setattr(wakeups, kick, lambda: sent.append(time.monotonic()))
     with override_settings(CELERY_TASK_ALWAYS_EAGER=False, **{own: 0, other: 0.2}):
         for _ in range(5):
-            getattr(tasks, soon)()
+            getattr(wakeups, soon)()
     assert len(sent) == 5  # the other kick's interval does not coalesce these
 
 
@@ -207,11 +214,11 @@ def test_the_intake_and_the_deliveries_coalesce_on_their_own_intervals(monkeypat
 def test_webhooks_enqueued_in_a_burst_share_their_delivery_kicks(monkeypatch, django_capture_on_commit_callbacks):
     """``outbox_enqueue`` kicks the delivery worker through its coalescer after each commit."""
     sent: list[float] = []
-    monkeypatch.setattr(tasks, "deliveries_kick", lambda: sent.append(time.monotonic()))
-    coalescer = tasks.KickCoalescer(
-        lambda: tasks.deliveries_kick(), interval=lambda: settings.HUB_DELIVERY_KICK_COALESCE_SECONDS
+    monkeypatch.setattr(wakeups, "deliveries_kick", lambda: sent.append(time.monotonic()))
+    coalescer = wakeups.KickCoalescer(
+        lambda: wakeups.deliveries_kick(), interval=lambda: settings.HUB_DELIVERY_KICK_COALESCE_SECONDS
     )
-    monkeypatch.setattr(tasks, "deliveries_kick_soon", coalescer)
+    monkeypatch.setattr(wakeups, "deliveries_kick_soon", coalescer)
     bank = make_sender("bank-a")
     with override_settings(CELERY_TASK_ALWAYS_EAGER=False, HUB_DELIVERY_KICK_COALESCE_SECONDS=0.2):
         for n in range(20):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from django.core.cache import cache
 
+from clearinghouse.keys import hub_signer
 from ledger.models import Account, Block, Transfer
 from ledger.services import blocks_seal, transfers_post
-from ledger.tasks import hub_signer
 from tests.ledger.conftest import credit, wallet_lot
 
 pytestmark = pytest.mark.django_db

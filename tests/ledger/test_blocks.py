@@ -12,11 +12,12 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from django.core.management import CommandError, call_command
 from django.db import connection
 
+from clearinghouse.keys import hub_signer
 from ledger import merkle
 from ledger.models import Block, Posting, Transfer
 from ledger.selectors import block_verify, blocks_verify
 from ledger.services import blocks_seal, transfers_post
-from ledger.tasks import blocks_seal_recent, hub_signer
+from ledger.tasks import blocks_seal_recent
 from tests.ledger.conftest import credit, wallet_lot
 
 

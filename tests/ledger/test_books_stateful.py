@@ -1,4 +1,4 @@
-"""A Hypothesis state machine over the hub's own bookkeeping services (methodology.books): credit,
+"""A Hypothesis state machine over the hub's own bookkeeping services (ledger.books): credit,
 repeat a credit (a duplicate event), consolidate a subject into a person, reverse an earlier credit
 (with a debt when its points are gone) and expire lots, in any order. After every step each issuer's
 points are conserved, no lot is negative and ``ledger_check`` finds nothing."""
@@ -14,10 +14,11 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
 
+from institutions.selectors import points_validity_months
+from ledger.books import Credit, credit_reverse, credits_post, holdings_consolidate
 from ledger.models import NON_NEGATIVE_KINDS, Account
 from ledger.selectors import ledger_check
 from ledger.services import lots_expire
-from methodology.books import Credit, credit_reverse, credits_post, holdings_consolidate
 
 ISSUERS = (1, 2, 3)
 PERSON = 10
@@ -50,14 +51,14 @@ class BooksMachine(RuleBasedStateMachine):
     def credit(self, issuer, subject, day, milligrams):
         credit = Credit(self.next_inbox_id, issuer, self.linked.get((issuer, subject)), subject, day, milligrams)
         self.next_inbox_id += 1
-        credits_post([credit])
+        credits_post([credit], validity_months=points_validity_months(ISSUERS))
         self.credits.append(credit)
 
     @precondition(lambda self: bool(self.credits))
     @rule(data=st.data())
     def repeat_a_credit(self, data):
         before = dict(Account.objects.values_list("key", "balance"))
-        credits_post([data.draw(st.sampled_from(self.credits))])
+        credits_post([data.draw(st.sampled_from(self.credits))], validity_months=points_validity_months(ISSUERS))
         assert dict(Account.objects.values_list("key", "balance")) == before
 
     @rule(issuer=st.sampled_from(ISSUERS), subject=st.sampled_from(SUBJECTS))

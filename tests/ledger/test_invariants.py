@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from django.db import DatabaseError, IntegrityError, connection, transaction
 
+from clearinghouse.keys import hub_signer
 from ledger.models import Account, Block, Posting, Transfer
 from ledger.services import TransferSpec, blocks_seal, transfers_post
-from ledger.tasks import hub_signer
 from tests.ledger.conftest import credit, outstanding, wallet_lot
 
 pytestmark = [pytest.mark.postgres, pytest.mark.django_db(transaction=True, serialized_rollback=True)]

@@ -13,9 +13,9 @@ from django.test import Client
 from institutions import crypto, intake
 from institutions.inbox import inbox_drain
 from institutions.models import InboxEvent
+from ledger.books import owners_lock, person_owner
 from ledger.models import Account
 from ledger.selectors import ledger_check
-from methodology.books import owners_lock, person_owner
 from methodology.models import NormalizedActivity
 from tests.conftest import activity, make_sender, post_events
 from tests.wallets.conftest import credit, make_person

@@ -14,6 +14,7 @@ from django.contrib.auth import get_user_model
 from django.db import IntegrityError, transaction
 from rest_framework.authtoken.models import Token
 
+from clearinghouse import privacy
 from institutions import crypto
 from institutions.inbox import inbox_drain
 from institutions.models import InboxEvent
@@ -108,6 +109,29 @@ def test_export_holds_everything_about_the_person(client, bank, other_bank, mei)
         ("bank-a", "transit.metro", "10", "km", "468.000"),
         ("bank-a", "transit.metro", "2.5", "km", "117.000"),
     }
+
+
+def test_export_sections_come_from_each_app_in_a_fixed_order(client, mei):
+    """The wallets' own sections first, then those methodology and settlement contribute through
+    clearinghouse.privacy, as the export always listed them."""
+    _, token = mei
+    body = client.get("/api/v1/me/export", headers=auth(token)).json()
+    assert list(body) == [
+        "format",
+        "exported_at",
+        "pseudonym",
+        "username",
+        "joined",
+        "erased_at",
+        "links",
+        "link_codes",
+        "link_attempts",
+        "wallet",
+        "accounts",
+        "activities",
+        "redemptions",
+    ]
+    assert privacy.registered() == (["activities", "redemptions"], ["redemption-requests"])
 
 
 def test_export_names_no_subject_and_no_code(client, bank, other_bank, mei):

@@ -11,6 +11,7 @@ from django.test.utils import CaptureQueriesContext
 
 from ledger.services import AccountKey, accounts_ensure, lot_expiry
 from methodology.models import NormalizedActivity
+from methodology.selectors import GRAMS_PLACES
 from tests.conftest import activity, make_sender
 from tests.wallets.conftest import PASSWORD, auth, credit, link_event, make_person, new_code, outcome, owe
 from wallets import selectors
@@ -193,7 +194,7 @@ def test_activities_page_by_page_newest_first(client, bank, deliver, django_asse
         "institution": "bank-a",
         "scenario": "mobility.walking",
         "time": "2026-11-01T08:59:00Z",
-        "grams": str(newest.grams.quantize(selectors.GRAMS_PLACES)),
+        "grams": str(newest.grams.quantize(GRAMS_PLACES)),
         "points": newest.credited_mg // 1000,
         "credited_mg": newest.credited_mg,
         "status": newest.status,

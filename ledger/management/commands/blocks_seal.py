@@ -2,8 +2,8 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandParser
 
+from clearinghouse.keys import hub_signer
 from ledger.services import blocks_seal
-from ledger.tasks import hub_signer
 
 
 class Command(BaseCommand):

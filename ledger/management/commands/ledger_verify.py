@@ -2,7 +2,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
 
-from institutions.models import HubKey
+from clearinghouse.keys import hub_trusted_keys
 from ledger.models import Block
 from ledger.selectors import Problem, blocks_verify, ledger_check
 
@@ -26,7 +26,7 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         expected = _head(options["expect_head"]) if options["expect_head"] else None
         # Every key the hub has published, retired ones included: blocks sealed before a rotation stay valid.
-        trusted = dict(HubKey.objects.values_list("key_id", "public_key"))
+        trusted = hub_trusted_keys()
         verbose = options["verbosity"] >= 2
 
         def on_block(block: Block, problems: list[Problem]) -> None:

@@ -4,7 +4,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from ledger.services import lots_expire
-from ledger.tasks import standard_today
+from ledger.units import standard_today
 
 
 class Command(BaseCommand):

@@ -31,8 +31,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
 
+from demo.client import Answer, Hub, Sender
 from institutions import crypto
-from institutions.demo.client import Answer, Hub, Sender
 
 HOOKS_PATH = "/hooks/"
 TOLERANCE_SECONDS = 300

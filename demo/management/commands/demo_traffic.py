@@ -3,9 +3,9 @@
 It is a client, like an institution's own sender: it talks to the hub only over HTTP and signs with
 :func:`institutions.crypto.webhook_headers`, the same code the hub verifies with. The secrets come
 from the file ``demo_setup`` writes, because the hub shows them only once. After the bulk traffic,
-:mod:`institutions.demo.stories` tells the stories of the unified standard and of a person's linked
+:mod:`demo.stories` tells the stories of the unified standard and of a person's linked
 accounts, event by event, then a redemption and a settlement cycle, with the demo receiver
-(:mod:`institutions.demo.receiver`) answering the hub's webhooks as the institutions would. To run the
+(:mod:`demo.receiver`) answering the hub's webhooks as the institutions would. To run the
 cycle it acts as the operator and calls the settlement service directly: it shares the hub's database.
 """
 
@@ -28,11 +28,11 @@ from typing import Any
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from demo.client import Hub, Sender
+from demo.management.commands.demo_setup import default_credentials_path, read_credentials
+from demo.receiver import DemoReceiver
+from demo.stories import ACTIVITY, Settled, Storyteller, describe
 from institutions import crypto
-from institutions.demo.client import Hub, Sender
-from institutions.demo.receiver import DemoReceiver
-from institutions.demo.stories import ACTIVITY, Settled, Storyteller, describe
-from institutions.management.commands.demo_setup import default_credentials_path, read_credentials
 from settlement.selectors import cycle_positions
 from settlement.services import cycle_run, instruction_webhook_data
 

@@ -23,9 +23,9 @@ from datetime import UTC, datetime, timedelta
 from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
 from typing import Any
 
-from institutions.demo.client import Answer, Hub, Sender
-from institutions.demo.receiver import DemoReceiver, Reply
-from institutions.management.commands.demo_setup import PROVIDER
+from demo.client import Answer, Hub, Sender
+from demo.management.commands.demo_setup import PROVIDER
+from demo.receiver import DemoReceiver, Reply
 
 EAST, WEST, METRO = "demo-bank-east", "demo-pay-west", "demo-metro-card"
 ACTIVITY = "carbon.activity.recorded"

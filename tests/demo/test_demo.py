@@ -15,12 +15,12 @@ from django.contrib.auth.models import User
 from django.core.management import CommandError, call_command
 from django.db.models import QuerySet
 
+from demo import stories
+from demo.client import Hub, Sender
+from demo.management.commands.demo_setup import DEMO_INSTITUTIONS, DEMO_REWARDS, PROVIDER
+from demo.receiver import DemoReceiver
+from demo.stories import POOLED_REWARD, _statement_problems, statement_digest
 from institutions import crypto
-from institutions.demo import stories
-from institutions.demo.client import Hub, Sender
-from institutions.demo.receiver import DemoReceiver
-from institutions.demo.stories import POOLED_REWARD, _statement_problems, statement_digest
-from institutions.management.commands.demo_setup import DEMO_INSTITUTIONS, DEMO_REWARDS, PROVIDER
 from institutions.models import Credential, InboxEvent, Institution, OutboxMessage
 from institutions.services import hub_public_keys, hub_signing_key, institution_set_status
 from methodology.models import ActionMapping, NormalizedActivity, Scenario

@@ -16,8 +16,8 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import transaction
 
 from clearinghouse.errors import HubError
+from demo.receiver import endpoint_url
 from institutions import crypto
-from institutions.demo.receiver import endpoint_url
 from institutions.models import Credential, Institution
 from institutions.outbox import institution_endpoint_enable
 from institutions.services import credential_add, hub_public_keys, institution_register, institution_update

@@ -1,23 +1,26 @@
-"""What measured activities do to the books: credit lots, pool a subject's lots into a person's
-wallet when it links, and take back a reversed activity.
+"""The policy of the hub's books: owner locks, lots and their expiry, crediting, consolidation on
+linking and reversal. The apps above call these with plain ids and amounts: methodology measures and
+credits, wallets links persons; neither spells an account key or a posting.
 
 Every function here runs inside the caller's transaction and under the owners' locks (see
 :func:`owners_lock`): the subject's first, then the person's, in that order everywhere, so a link and
 a batch of the same subject's activities are applied one after the other, never interleaved.
+
+Like the rest of the ledger this module knows no other app: what it needs to know of an institution
+(how long its points stay valid) the caller passes in.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date
 
-from django.conf import settings
 from django.db import connection
 
 from clearinghouse.db import advisory_lock_id, array_literal, text_array_literal
-from institutions.models import Institution
-from ledger.models import Account, AccountKind, Posting
+from ledger.models import LOT_KINDS, Account, AccountKind
+from ledger.selectors import Leg, transfer_legs
 from ledger.services import AccountKey, TransferSpec, accounts_ensure, lot_expiry, transfers_post
 
 
@@ -68,25 +71,26 @@ def add_months(day: date, months: int) -> date:
     return date(year, month, 1)  # only the month matters: lots are bucketed by month
 
 
-def validity_months(issuer_ids: Iterable[int]) -> dict[int, int]:
-    """How many months each issuer's points stay valid (its own setting, else the hub's)."""
-    ids = list(issuer_ids)
-    default = settings.HUB_POINTS_VALIDITY_MONTHS
-    months = dict.fromkeys(ids, default)
-    for pk, own in Institution.objects.filter(pk__in=ids).values_list("pk", "points_validity_months"):
-        if own is not None:
-            months[pk] = own
-    return months
-
-
-def lot_expiries(days_by_issuer: dict[int, set[date]]) -> dict[tuple[int, date], date]:
-    """The expiry bucket of points each issuer credits for an act on each local day."""
-    months = validity_months(days_by_issuer)
+def lot_expiries(
+    days_by_issuer: Mapping[int, Iterable[date]], validity_months: Mapping[int, int]
+) -> dict[tuple[int, date], date]:
+    """The expiry bucket of points each issuer credits for an act on each local day, its points staying
+    valid ``validity_months[issuer]`` months (``institutions.selectors.points_validity_months``)."""
     return {
-        (issuer, day): lot_expiry(add_months(day, months[issuer]))
+        (issuer, day): lot_expiry(add_months(day, validity_months[issuer]))
         for issuer, days in days_by_issuer.items()
         for day in days
     }
+
+
+def credit_key(inbox_event_id: int) -> str:
+    """The idempotency key of the credit of the activity of inbox row ``inbox_event_id``."""
+    return f"activity:{inbox_event_id}"
+
+
+def credit_legs(*, inbox_event_ids: Iterable[int]) -> list[Leg]:
+    """The legs of the credits of these activities (none for an activity not credited), in posting order."""
+    return transfer_legs(idempotency_keys=[credit_key(i) for i in inbox_event_ids])
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,13 +105,14 @@ class Credit:
     milligrams: int
 
 
-def credits_post(credits: Sequence[Credit]) -> None:
+def credits_post(credits: Sequence[Credit], *, validity_months: Mapping[int, int]) -> None:
     """Credit each activity to its owner's lot, paying the owner's debt to that issuer first.
 
-    One transfer per activity, keyed ``activity:<inbox row id>``: posting a batch again credits once.
-    A linked person's points go to ``wallet_lot(person, issuer, expiry)``, an unlinked subject's to
-    ``holding_lot(institution, subject, expiry)``; the expiry is the end of the month the issuer's
-    validity runs out.
+    One transfer per activity, keyed ``activity:<inbox row id>`` (:func:`credit_key`): posting a batch
+    again credits once. A linked person's points go to ``wallet_lot(person, issuer, expiry)``, an
+    unlinked subject's to ``holding_lot(institution, subject, expiry)``; the expiry is the end of the
+    month the issuer's validity runs out (``validity_months[issuer]``: needed for every issuer with a
+    credit above zero).
     """
     credits = [c for c in credits if c.milligrams > 0]
     if not credits:
@@ -115,7 +120,7 @@ def credits_post(credits: Sequence[Credit]) -> None:
     days: dict[int, set[date]] = {}
     for credit in credits:
         days.setdefault(credit.issuer_id, set()).add(credit.local_day)
-    expiries = lot_expiries(days)
+    expiries = lot_expiries(days, validity_months)
     outstanding = {issuer_id: AccountKey.issuer_outstanding(issuer_id=issuer_id) for issuer_id in days}
 
     lots: list[AccountKey] = []
@@ -156,7 +161,7 @@ def credits_post(credits: Sequence[Credit]) -> None:
             legs.append((ids[lot], credit.milligrams - repay))
         transfers.append(
             TransferSpec(
-                idempotency_key=f"activity:{credit.inbox_event_id}",
+                idempotency_key=credit_key(credit.inbox_event_id),
                 kind="credit",
                 legs=legs,
                 metadata={"inbox_event": credit.inbox_event_id},
@@ -250,24 +255,18 @@ def credit_reverse(*, original_inbox_id: int, issuer_id: int, person_id: int | N
     from it pay first. Keyed ``reverse:<inbox row id>``: a second reversal changes nothing.
     """
     key = f"reverse:{original_inbox_id}"
-    done = list(Posting.objects.filter(transfer__idempotency_key=key).values_list("account__kind", "amount"))
+    done = transfer_legs(idempotency_keys=[key])
     if done:
         return Reversal(
-            milligrams=sum(a for kind, a in done if kind == AccountKind.REVERSED),
-            from_lots_mg=-sum(a for kind, a in done if kind in (AccountKind.WALLET_LOT, AccountKind.HOLDING_LOT)),
-            debt_mg=-sum(a for kind, a in done if kind == AccountKind.DEBT),
+            milligrams=sum(leg.amount for leg in done if leg.kind == AccountKind.REVERSED),
+            from_lots_mg=-sum(leg.amount for leg in done if leg.kind in LOT_KINDS),
+            debt_mg=-sum(leg.amount for leg in done if leg.kind == AccountKind.DEBT),
         )
-    credit_legs = list(
-        Posting.objects.filter(transfer__idempotency_key=f"activity:{original_inbox_id}").values_list(
-            "account__kind", "account__expires_on", "amount"
-        )
-    )
-    credited = -sum(amount for kind, _, amount in credit_legs if kind == AccountKind.ISSUER_OUTSTANDING)
+    credited_legs = credit_legs(inbox_event_ids=[original_inbox_id])
+    credited = -sum(leg.amount for leg in credited_legs if leg.kind == AccountKind.ISSUER_OUTSTANDING)
     if credited <= 0:
         return Reversal(0, 0, 0)
-    lots = [
-        e for kind, e, _ in credit_legs if kind in (AccountKind.WALLET_LOT, AccountKind.HOLDING_LOT) and e is not None
-    ]
+    lots = [leg.expires_on for leg in credited_legs if leg.kind in LOT_KINDS and leg.expires_on is not None]
     if person_id is not None:
         debt = AccountKey.person_debt(person_id=person_id, issuer_id=issuer_id)
         lot = AccountKey.wallet_lot(person_id=person_id, issuer_id=issuer_id, expires_on=lots[0]) if lots else None
