@@ -49,10 +49,16 @@ def portal_nav(context: template.Context) -> dict[str, Any]:
     }
 
 
+@register.filter
+def bcp47(language_code: str) -> str:
+    """A Django language code as BCP 47 spells it in ``lang`` attributes: ``zh-hans`` -> ``zh-Hans``."""
+    return translation.to_locale(language_code).replace("_", "-")
+
+
 @register.simple_tag
 def html_lang() -> str:
-    """The page's language as BCP 47 spells it for ``<html lang>``: ``zh-Hans``, ``en``."""
-    return translation.to_locale(translation.get_language() or "en").replace("_", "-")
+    """The page's language, for ``<html lang>``."""
+    return bcp47(translation.get_language() or "en")
 
 
 @register.inclusion_tag("portal/includes/field.html")

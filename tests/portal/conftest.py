@@ -10,8 +10,9 @@ from django.test import Client
 from tests.wallets.conftest import PASSWORD, make_person
 from wallets.models import Person
 
-ZH = {"HTTP_ACCEPT_LANGUAGE": "zh-CN,zh;q=0.9"}
-EN = {"HTTP_ACCEPT_LANGUAGE": "en-GB,en;q=0.9"}
+# Request headers of a browser set to simplified Chinese, and to English (Any: the test client's **extra).
+ZH: dict[str, Any] = {"HTTP_ACCEPT_LANGUAGE": "zh-CN,zh;q=0.9"}
+EN: dict[str, Any] = {"HTTP_ACCEPT_LANGUAGE": "en-GB,en;q=0.9"}
 
 
 @pytest.fixture
