@@ -1,3 +1,4 @@
+from csp.decorators import csp_update
 from django.contrib import admin
 from django.urls import URLPattern, URLResolver, include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerSplitView
@@ -16,7 +17,14 @@ api_v1: list[URLPattern | URLResolver] = [
     path("schema/", SpectacularAPIView.as_view(), name="schema"),
     # OPTIONS is 405 on the HTML page: DRF's metadata cannot be rendered as its template (it was a 500).
     # The split view loads its start-up script as a file (docs/?script=): the CSP allows no inline script.
-    path("docs/", SpectacularSwaggerSplitView.as_view(url_name="schema", metadata_class=None), name="docs"),
+    # Swagger UI's script writes inline styles as it draws: allowed on this one page, never a script.
+    path(
+        "docs/",
+        csp_update({"style-src": ["'unsafe-inline'"]})(
+            SpectacularSwaggerSplitView.as_view(url_name="schema", metadata_class=None)
+        ),
+        name="docs",
+    ),
 ]
 
 urlpatterns = [

@@ -14,4 +14,6 @@ urlpatterns = [
     path("signout/", views.signout, name="signout"),
     path("password/", views.password_change, name="password_change"),
     path("standard/", views.standard, name="standard"),
+    # Browsers ask every site for /favicon.ico, on the admin's and the API docs' pages too.
+    path("favicon.ico", views.favicon),
 ]

@@ -13,6 +13,7 @@ from django.contrib import messages
 from django.contrib.auth import login, logout, update_session_auth_hash
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
+from django.templatetags.static import static
 from django.urls import reverse
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.utils.translation import gettext as _
@@ -166,3 +167,8 @@ def password_change(request: HttpRequest, person: Person) -> HttpResponse:
 def standard(request: HttpRequest) -> HttpResponse:
     """The published standard, for anyone: every scenario, its factor in force and every version of it."""
     return render(request, "portal/standard.html", {"scenarios": standard_history()})
+
+
+@require_GET
+def favicon(request: HttpRequest) -> HttpResponse:
+    return redirect(static("portal/icon.svg"), permanent=True)

@@ -75,8 +75,11 @@ class Visit:
         self.page.on("response", self._response)
 
     def _console(self, message: Any) -> None:
+        document = message.location.get("url") == self.page.url
+        if document and message.text.startswith("Failed to load resource"):
+            return  # the page's own status (a 403, 404 or 429 page): the test asserts it
         if message.type == "error" or "Content Security Policy" in message.text:
-            self.problems.append(f"console {message.type}: {message.text}")
+            self.problems.append(f"console {message.type}: {message.text} ({message.location.get('url')})")
 
     def _response(self, response: Any) -> None:
         # A page's own answer may be an error on purpose (404 page, 429 refusal); its assets may not.

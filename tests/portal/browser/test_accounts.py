@@ -5,11 +5,14 @@ switch to English; the public standard; each at 360 px and at desktop width, eve
 from __future__ import annotations
 
 import re
+from datetime import date
 
 import pytest
 from django.contrib.auth import get_user_model
 
+from tests.conftest import make_sender
 from tests.portal.browser.harness import DESKTOP, PHONE, Site
+from tests.wallets.conftest import credit
 from wallets.models import Person
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
@@ -49,6 +52,12 @@ def test_a_person_opens_an_account_in_chinese_and_manages_it(site: Site, width: 
         assert Person.objects.filter(user__username="xiaoming").exists()
         if audit:
             visit.audit("home-empty")
+            person = Person.objects.get(user__username="xiaoming")
+            credit(person.pk, make_sender("bank-a").institution.pk, date(2031, 1, 31), 12_345_678)
+            credit(person.pk, make_sender("green-pay").institution.pk, date(2030, 6, 30), 2_000_000)
+            page.reload()
+            assert page.locator(".balance__number").inner_text() == "14,345"
+            visit.audit("home")
 
         visit.submit("退出登录")
         assert visit.heading() == "您的低碳积分，汇集到一个账户"
