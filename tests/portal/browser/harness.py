@@ -8,8 +8,8 @@ What it offers a test (through the fixtures of ``conftest.py`` beside it):
 * ``site``: the hub on a live server (pytest-django's, on the suite's PostgreSQL test database) and
   :meth:`Site.page`, a fresh browser (own cookies) at a width and an ``Accept-Language``.
 * :meth:`Visit.audit`: the page reloaded in both languages at 360 px and 1280 px; at each, no
-  horizontal scrolling, no axe-core violation of impact serious or critical, no Content-Security-Policy
-  complaint, no failed request, and a full-page screenshot in ``var/screenshots/`` (git-ignored),
+  horizontal scrolling, no control under 44 x 44 px, no axe-core violation of impact serious or
+  critical, no Content-Security-Policy complaint, no failed request, and a full-page screenshot in ``var/screenshots/`` (git-ignored),
   named ``<name>-<language>-<width>.png``; then back to the language and width it had.
 * :meth:`Visit.check`: the same checks and one screenshot of the page as it is now (after a POST, say).
 """
@@ -113,6 +113,8 @@ class Visit:
         self.screenshot(f"{name}-{language.lower()}-{self.width}")
         overflow = self.page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
         assert overflow <= 0, f"{name}: {overflow} px of horizontal scrolling at {self.width} px"
+        small = self.page.evaluate(SMALL_TARGETS)
+        assert not small, f"{name} ({language}, {self.width} px): touch targets under 44 px: {small}"
         violations = axe_violations(self.page)
         assert not violations, f"{name} ({language}, {self.width} px): " + "; ".join(violations)
         assert not self.problems, f"{name}: " + "; ".join(self.problems)
@@ -145,6 +147,19 @@ class Visit:
         self.page.screenshot(path=str(path), full_page=True)
         return path
 
+
+# Controls a finger must hit: at least 44 x 44 CSS px (links inside a sentence are exempt, as in WCAG 2.5.5).
+# Returns the offenders as "tag.class text WxH".
+SMALL_TARGETS = """
+() => [...document.querySelectorAll(
+    'button, input:not([type=hidden]), select, textarea, summary, nav a, a.button, a.brand, .site-footer a'
+  )]
+  .filter(element => element.getClientRects().length > 0)
+  .map(element => [element, element.getBoundingClientRect()])
+  .filter(([element, box]) => box.width < 44 || box.height < 44)
+  .map(([element, box]) => `${element.tagName.toLowerCase()}.${element.className} `
+    + `"${(element.innerText || element.value || '').trim().slice(0, 30)}" ${Math.round(box.width)}x${Math.round(box.height)}`)
+"""
 
 _axe: Any = None
 
