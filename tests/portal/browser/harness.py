@@ -9,8 +9,9 @@ What it offers a test (through the fixtures of ``conftest.py`` beside it):
   :meth:`Site.page`, a fresh browser (own cookies) at a width and an ``Accept-Language``.
 * :meth:`Visit.audit`: the page reloaded in both languages at 360 px and 1280 px; at each, no
   horizontal scrolling, no control under 44 x 44 px, no axe-core violation of impact serious or
-  critical, no Content-Security-Policy complaint, no failed request, and a full-page screenshot in ``var/screenshots/`` (git-ignored),
-  named ``<name>-<language>-<width>.png``; then back to the language and width it had.
+  critical, no Content-Security-Policy complaint, no failed request, and a full-page screenshot in
+  ``var/screenshots/`` (git-ignored), named ``<name>-<language>-<width>.png``; then back to the
+  language and width it had.
 * :meth:`Visit.check`: the same checks and one screenshot of the page as it is now (after a POST, say).
 """
 
@@ -158,7 +159,8 @@ SMALL_TARGETS = """
   .map(element => [element, element.getBoundingClientRect()])
   .filter(([element, box]) => box.width < 44 || box.height < 44)
   .map(([element, box]) => `${element.tagName.toLowerCase()}.${element.className} `
-    + `"${(element.innerText || element.value || '').trim().slice(0, 30)}" ${Math.round(box.width)}x${Math.round(box.height)}`)
+    + `"${(element.innerText || element.value || '').trim().slice(0, 30)}" `
+    + `${Math.round(box.width)}x${Math.round(box.height)}`)
 """
 
 _axe: Any = None
