@@ -94,6 +94,7 @@ MIDDLEWARE = [
     # Static files from the app itself (no other server, no CDN): the pages work on an intranet.
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "csp.middleware.CSPMiddleware",
+    "clearinghouse.policy.AdminPolicyMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     # Django's, with the API and the admin kept in LANGUAGE_CODE (portal.middleware says why).
     "portal.middleware.LocaleMiddleware",

@@ -43,6 +43,13 @@ def test_every_page_sends_a_csp_without_inline_code_and_refuses_framing(client, 
     assert response["Referrer-Policy"] == "same-origin"
 
 
+def test_the_admin_may_have_inline_styles_but_never_inline_scripts(client):
+    policy = directives(client.get("/admin/login/"))
+    assert policy["style-src"] == ["'self'", "'unsafe-inline'"]
+    assert policy["script-src"] == ["'self'"]
+    assert policy["frame-ancestors"] == ["'none'"]
+
+
 def test_no_template_holds_inline_script_style_or_event_handlers():
     for path in Path(PORTAL, "templates").rglob("*.html"):
         source = path.read_text()

@@ -22,7 +22,7 @@ def test_the_admin_and_the_api_docs_run_under_the_policy_and_an_operator_gets_a_
         with page.expect_navigation(wait_until="load"):
             page.locator("input[type=submit]").click()
         assert page.locator("#site-name").count() == 1
-        for path in ("/admin/wallets/person/", "/admin/auth/user/add/", "/admin/methodology/scenario/"):
+        for path in ("/admin/wallets/person/", "/admin/auth/user/add/", "/admin/settlement/cycle/"):
             visit.goto(site.at(path))
         visit.goto(site.at("/api/v1/docs/"))
         page.locator(".swagger-ui .info").wait_for()  # drawn by its script: the page's code ran
