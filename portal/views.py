@@ -20,7 +20,7 @@ from django.utils.translation import gettext as _
 from django.views.decorators.cache import never_cache
 from django.views.decorators.csrf import csrf_protect
 from django.views.decorators.debug import sensitive_post_parameters
-from django.views.decorators.http import require_GET, require_http_methods, require_POST
+from django.views.decorators.http import require_http_methods, require_POST, require_safe
 
 from clearinghouse.errors import RateLimited
 from clearinghouse.throttle import client_address
@@ -36,7 +36,7 @@ from wallets.services import person_authenticate, person_signup
 GRAMS_PER_KG = 1000
 
 
-@require_GET
+@require_safe
 def home(request: HttpRequest) -> HttpResponse:
     """``/``: a signed-in person's carbon account; anyone else sees what the hub is and how to start."""
     if not request.user.is_authenticated:
@@ -163,12 +163,12 @@ def password_change(request: HttpRequest, person: Person) -> HttpResponse:
     return _throttled(response, form.throttled) if form.throttled else response
 
 
-@require_GET
+@require_safe
 def standard(request: HttpRequest) -> HttpResponse:
     """The published standard, for anyone: every scenario, its factor in force and every version of it."""
     return render(request, "portal/standard.html", {"scenarios": standard_history()})
 
 
-@require_GET
+@require_safe
 def favicon(request: HttpRequest) -> HttpResponse:
     return redirect(static("portal/icon.svg"), permanent=True)

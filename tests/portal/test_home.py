@@ -23,6 +23,7 @@ def test_anyone_sees_what_the_hub_is_and_how_to_start(client):
     assert response.status_code == 200
     assert "All your low-carbon points in one account" in html
     assert 'href="/signup/"' in html and 'href="/signin/"' in html and 'href="/standard/"' in html
+    assert client.head("/").status_code == 200  # monitors ask with HEAD
 
 
 def test_a_new_person_sees_zero_and_how_to_get_points(person_client):
