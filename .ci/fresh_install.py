@@ -30,6 +30,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -45,7 +46,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 # The hub's own code, as the image holds it (COPY . .): every module here must import in the fresh install.
-APPS = ["clearinghouse", "institutions", "ledger", "methodology", "wallets", "settlement", "demo"]
+APPS = ["clearinghouse", "institutions", "ledger", "methodology", "wallets", "settlement", "portal", "demo"]
 INSTITUTION = "fresh-install-bank"
 STEP_TIMEOUT = 90  # seconds, for any one wait below
 
@@ -242,6 +243,7 @@ def fresh_install(args: argparse.Namespace, work: Path) -> None:
         "DATABASE_URL": with_database(args.database_url, database_name),
         "REDIS_URL": with_redis_db(args.redis_url, args.redis_db),
         "CLEARINGHOUSE_VAR_DIR": str(work / "var"),
+        "DJANGO_STATIC_ROOT": str(work / "static"),
         "LOG_LEVEL": "WARNING",
     }
     count = run([python, "-c", IMPORT_EVERYTHING, *APPS], env=env, what="no dev tools; every module of the hub imports")
@@ -257,6 +259,7 @@ def fresh_install(args: argparse.Namespace, work: Path) -> None:
     services = Services(work, env)
     try:
         run([python, "manage.py", "migrate", "--noinput"], env=env, what="manage.py migrate")
+        run([python, "manage.py", "collectstatic", "--noinput"], env=env, what="manage.py collectstatic")
         issued = json.loads(
             run(
                 [python, "manage.py", "institution_register", INSTITUTION, "--name", "Fresh install bank", "--hmac"],
@@ -295,6 +298,17 @@ def fresh_install(args: argparse.Namespace, work: Path) -> None:
         if status != 301 or not headers.get("Location", "").startswith("https://"):
             raise Failed(f"production settings should redirect plain HTTP to HTTPS; got {status} {headers}")
         log("production settings in force: plain HTTP to the API is redirected to HTTPS")
+
+        # A person's page and its stylesheet, served by gunicorn itself (WhiteNoise), as collected.
+        https = {"X-Forwarded-Proto": "https"}
+        status, _, page = request(f"{base}/signin/", headers=https)
+        stylesheet = re.search(rb'<link rel="stylesheet" href="(/static/portal/portal\.[0-9a-f]{12}\.css)"', page)
+        if status != 200 or stylesheet is None:
+            raise Failed(f"the sign-in page should link its collected stylesheet; got {status} {page[:300]!r}")
+        status, headers, _ = request(base + stylesheet.group(1).decode(), headers=https)
+        if status != 200 or not headers.get("Content-Type", "").startswith("text/css"):
+            raise Failed(f"the stylesheet should be served by the hub itself; got {status} {headers}")
+        log(f"persons' pages: /signin/ and {stylesheet.group(1).decode()} served by gunicorn")
 
         # One signed activity, as from behind the TLS-ending proxy.
         event_id = f"fresh-{secrets.token_hex(6)}"

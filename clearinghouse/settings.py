@@ -72,7 +72,11 @@ INSTALLED_APPS = [
     "django.contrib.contenttypes",
     "django.contrib.sessions",
     "django.contrib.messages",
+    # WhiteNoise serves static files under runserver too, as it does under gunicorn (before staticfiles,
+    # whose runserver would otherwise serve them its own way).
+    "whitenoise.runserver_nostatic",
     "django.contrib.staticfiles",
+    "csp",
     "rest_framework",
     "rest_framework.authtoken",
     "drf_spectacular",
@@ -82,12 +86,19 @@ INSTALLED_APPS = [
     "methodology",
     "wallets",
     "settlement",
+    "portal",  # the persons' pages: the top floor, nothing imports it
     "demo",  # the top floor: demo_setup, demo_traffic (development only; nothing imports it)
 ]
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    # Static files from the app itself (no other server, no CDN): the pages work on an intranet.
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "csp.middleware.CSPMiddleware",
+    "clearinghouse.policy.AdminPolicyMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
+    # Django's, with the API and the admin kept in LANGUAGE_CODE (portal.middleware says why).
+    "portal.middleware.LocaleMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
@@ -113,13 +124,71 @@ TEMPLATES = [
     },
 ]
 
-LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"
-USE_I18N = True
 USE_TZ = True
-STATIC_URL = "static/"
-STATIC_ROOT = VAR_DIR / "static"
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# --- Languages (the persons' pages) -------------------------------------------------------------------
+
+# The persons' pages speak simplified Chinese and English, chosen from the browser's Accept-Language
+# (any zh-* first: zh, zh-CN, zh-Hans, zh-SG; also zh-TW and zh-HK, whose readers read simplified
+# characters more easily than English) or from the switcher's cookie. The API and the admin stay English.
+USE_I18N = True
+LANGUAGE_CODE = "en"
+LANGUAGES = [("zh-hans", "简体中文"), ("en", "English")]
+# The switcher's choice outlives the browser session, travels only over HTTPS in production and is out
+# of scripts' reach, like the session cookie.
+LANGUAGE_COOKIE_AGE = 365 * 24 * 3600
+LANGUAGE_COOKIE_SECURE = not DEBUG
+LANGUAGE_COOKIE_HTTPONLY = True
+LANGUAGE_COOKIE_SAMESITE = "Lax"
+# Per-locale number formats: simplified Chinese groups by thousands with commas, as Chinese banks' apps
+# show amounts (Django's own zh_Hans module groups by ten thousand without a separator).
+FORMAT_MODULE_PATH = ["portal.formats"]
+
+# --- Static files -----------------------------------------------------------------------------------------
+
+STATIC_URL = "static/"
+# `manage.py collectstatic` gathers them here (the image does at build time); WhiteNoise serves them.
+STATIC_ROOT = Path(os.environ.get("DJANGO_STATIC_ROOT", VAR_DIR / "static"))
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    # Production serves the collected files under names carrying a hash of their content, compressed, and
+    # cached by browsers for a year (clearinghouse.staticfiles); a development hub serves them where they
+    # lie, as they change.
+    "staticfiles": {
+        "BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"
+        if DEBUG
+        else "clearinghouse.staticfiles.HashedStaticFilesStorage"
+    },
+}
+# WhiteNoise also serves files not collected (yet) from their apps' folders, under their plain names: a
+# hub started without collectstatic still has its styles.
+WHITENOISE_USE_FINDERS = True
+
+# --- Persons' sign-in (session) and the pages' security headers ------------------------------------------
+
+LOGIN_URL = "portal:signin"
+LOGIN_REDIRECT_URL = "portal:home"
+LOGOUT_REDIRECT_URL = "portal:home"
+# Clickjacking: no page of the hub may be framed (also frame-ancestors below, for browsers that read it).
+X_FRAME_OPTIONS = "DENY"
+# django-csp 4: every page's scripts, styles, images and fonts come from the hub itself, never inline (no
+# <script> body, no style= attribute: the templates hold none), and nothing may frame a page.
+CONTENT_SECURITY_POLICY = {
+    "DIRECTIVES": {
+        "default-src": ["'self'"],
+        "script-src": ["'self'"],
+        "style-src": ["'self'"],
+        "img-src": ["'self'", "data:"],
+        "font-src": ["'self'"],
+        "connect-src": ["'self'"],
+        "object-src": ["'none'"],
+        "base-uri": ["'none'"],
+        "form-action": ["'self'"],
+        "frame-ancestors": ["'none'"],
+    },
+}
 
 # --- HTTPS, cookies and the proxy in front (production) ------------------------------------------------
 
