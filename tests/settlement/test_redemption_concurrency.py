@@ -20,8 +20,8 @@ from settlement.exceptions import InsufficientPoints, OutOfStock, RedemptionRefu
 from settlement.models import Redemption, RedemptionAllocation, RedemptionRequest, Reward
 from settlement.services import (
     RedemptionAnswer,
-    _locked,
     redemption_hold,
+    redemption_locked,
     redemption_reject,
     redemption_request,
     redemption_request_hash,
@@ -258,7 +258,7 @@ def test_a_capture_in_progress_does_not_lock_the_reward_against_new_holds():
     held = redemption_hold(person=person, reward_code="coffee", quantity=1)
 
     with transaction.atomic():
-        _locked(held.pk, person.pk)  # what redemption_fulfil, _reject and _void hold until their commit
+        redemption_locked(held.pk, person.pk)  # what redemption_fulfil, _reject and _void hold until their commit
 
         def probe(_: int) -> bool:
             with connection.cursor() as cursor:

@@ -34,7 +34,8 @@ from institutions.demo.receiver import DemoReceiver
 from institutions.demo.stories import ACTIVITY, Settled, Storyteller, describe
 from institutions.management.commands.demo_setup import default_credentials_path, read_credentials
 from settlement.selectors import cycle_positions
-from settlement.services import cycle_run, instruction_webhook_data
+from settlement.services import cycle_run
+from settlement.webhooks import instruction_webhook_data
 
 # --- What the demo institutions report --------------------------------------------------------------
 
