@@ -52,9 +52,8 @@ class HoldOutcome:
     hold_expires_at: datetime
     refusal: RedemptionRefused | None = None
     request_hash: str = ""
-    status: int = 0
     response: Any = None
-    redemption_pk: int = 0  # held: the redemption; stored: the answer's, if any
+    redemption_pk: int | None = None  # held: the redemption; stored: the answer's, if it held one
     reward: str = ""
     provider_code: str = ""
     points: int = 0
@@ -120,9 +119,8 @@ def hold_call(
         return replace(
             base,
             request_hash=answer["request_hash"],
-            status=answer["status"],
             response=answer["response"],
-            redemption_pk=answer["redemption_id"] or 0,
+            redemption_pk=answer["redemption_id"],
         )
     if base.kind == "refused":
         figures = {name: value for name, value in answer.items() if name not in ("outcome", "code")}
@@ -140,7 +138,7 @@ def hold_call(
 
 
 def held_body(outcome: HoldOutcome) -> dict[str, Any]:
-    """The ``201`` of a hold the function made: the redemption as held."""
+    """The answer of a hold the function made: the redemption as held."""
     return redemption_body(
         public_id=outcome.public_id,
         status=RedemptionStatus.PENDING,

@@ -180,7 +180,7 @@ def hold_plan(
 def hold_write(plan: HoldPlan, *, answer_key: tuple[str, str] | None = None) -> tuple[int, dict[str, Any]]:
     """The writes of :func:`redemption_hold`, in the caller's transaction; ``(redemption pk, its JSON)``.
 
-    With ``answer_key`` (key, request hash) the key's answer is stored too (a ``201`` without its body,
+    With ``answer_key`` (key, request hash) the key's answer is stored too (the redemption, without a body,
     which a replay rebuilds from the redemption; see :func:`answer_replayed`). The redemption,
     its allocations and the answer go in one statement; then the hold accounts and the ledger transfer,
     the webhook, and the stock. Raises :class:`InsufficientPoints` or :class:`OutOfStock` only when a
@@ -275,7 +275,6 @@ def _redemption_insert(
                 person_id=plan.person_id,
                 key=key,
                 request_hash=request_hash,
-                status_code=201,
                 response=None,
                 redemption=redemption,
                 created_at=plan.now,
@@ -302,8 +301,8 @@ def _redemption_insert(
         key, request_hash = answer
         answered = f""", answered AS (
             INSERT INTO {RedemptionRequest._meta.db_table}
-                   (person_id, key, request_hash, status_code, response, redemption_id, created_at)
-            SELECT %s, %s, %s, 201, NULL, redemption.id, %s FROM redemption)"""  # noqa: S608
+                   (person_id, key, request_hash, response, redemption_id, created_at)
+            SELECT %s, %s, %s, NULL, redemption.id, %s FROM redemption)"""  # noqa: S608
         params += [plan.person_id, key, request_hash, plan.now]
     ((redemption_id,),), _ = _run(
         f"""WITH redemption AS (

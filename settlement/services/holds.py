@@ -39,15 +39,15 @@ def redemption_request(
 ) -> RedemptionAnswer:
     """``POST /me/redemptions`` under an ``Idempotency-Key`` (CONTRACT section 4).
 
-    - The first request with a key holds the points (as :func:`redemption_hold`) and answers ``201``
-      with the redemption, or answers the refusal (``insufficient-points``, ``out-of-stock``, ...). A
+    - The first request with a key holds the points (as :func:`redemption_hold`) and answers the
+      redemption as held, or answers the refusal (``insufficient-points``, ``out-of-stock``, ...). A
       hold's answer is stored with the key in the hold's transaction, so it exists exactly when its
-      effects do; a ``201`` is stored without its body, which is the redemption as held (rebuilt from
-      its rows when replayed).
+      effects do; it is stored without its body, which is the redemption as held (rebuilt from its
+      rows when replayed).
     - The same key with the same request (reward and quantity) answers the stored answer again, with
-      ``replayed`` set; with another request it raises :class:`IdempotencyKeyReused` (422).
+      ``replayed`` set; with another request it raises :class:`IdempotencyKeyReused`.
     - While a request with the key is still running, another raises :class:`IdempotencyKeyInFlight`
-      (409) at once: each request first tries a transaction-scoped advisory lock on (person, key) and
+      at once: each request first tries a transaction-scoped advisory lock on (person, key) and
       never waits for it. A request that crashed or rolled back left nothing, so its key is free again.
       The unique (person, key) constraint stands behind the lock.
 
@@ -86,13 +86,11 @@ def redemption_request(
         if outcome.kind == "in-flight":
             raise key_in_flight()
         if outcome.kind == "stored":
-            return answer_replayed(
-                outcome.request_hash, outcome.status, outcome.response, outcome.redemption_pk, digest
-            )
+            return answer_replayed(outcome.request_hash, outcome.response, outcome.redemption_pk, digest)
         if outcome.refusal is not None:
             return refusal_stored(outcome.refusal, person_id=person.pk, key=key, digest=digest, now=now)
         outbox_deliver_after_commit()
-        return RedemptionAnswer(status=201, body=held_body(outcome))
+        return RedemptionAnswer(body=held_body(outcome), held=True)
 
     with transaction.atomic():
         if not request_lock_try(person.pk, key):
@@ -106,7 +104,7 @@ def redemption_request(
         except RedemptionRefused as refusal:  # raised before anything was written
             return refusal_stored(refusal, person_id=person.pk, key=key, digest=digest, now=now)
         _, body = hold_write(plan, answer_key=(key, digest))
-        return RedemptionAnswer(status=201, body=body)
+        return RedemptionAnswer(body=body, held=True)
 
 
 @transaction.atomic
@@ -137,6 +135,7 @@ def redemption_hold(
         if outcome.refusal is not None:
             raise outcome.refusal
         outbox_deliver_after_commit()
+        assert outcome.redemption_pk is not None, "a hold names its redemption"
         return Redemption.objects.get(pk=outcome.redemption_pk)
     owners_lock([person_owner(person.pk)])
     plan = hold_plan(person_id=person.pk, reward_code=reward_code, quantity=quantity, now=now, today=today)

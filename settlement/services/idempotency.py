@@ -34,10 +34,12 @@ _KEY_TEXT = re.compile(r"^[\x20-\x7e]+$")
 
 @dataclass(frozen=True, slots=True)
 class RedemptionAnswer:
-    """What ``POST /me/redemptions`` answers: a status and a JSON body, the same for every repeat of a key."""
+    """What a redemption request under a key answers, the same for every repeat of the key: the
+    redemption it held (``held``; ``body`` is the redemption as held), or why not (``body`` is the
+    refusal's problem document). ``replayed``: a repeat got the key's stored answer."""
 
-    status: int
     body: dict[str, Any]
+    held: bool
     replayed: bool = False
 
 
@@ -78,33 +80,30 @@ def request_lock_try(person_id: int, key: str) -> bool:
 
 
 def key_in_flight() -> IdempotencyKeyInFlight:
-    return IdempotencyKeyInFlight(
-        "A request with this Idempotency-Key is still running; retry shortly.", headers={"Retry-After": "1"}
-    )
+    return IdempotencyKeyInFlight("A request with this Idempotency-Key is still running; retry shortly.")
 
 
-def answer_replayed(
-    request_hash: str, status_code: int, response: Any, redemption_id: int | None, digest: str
-) -> RedemptionAnswer:
+def answer_replayed(request_hash: str, response: Any, redemption_id: int | None, digest: str) -> RedemptionAnswer:
     """The stored answer of a key sent again; :class:`IdempotencyKeyReused` if the request differs.
-    A ``201`` is stored without its body: it is the redemption as held, rebuilt from its rows."""
+    A held redemption's answer is stored without its body: the redemption as held, rebuilt from its rows
+    (answers stored before settlement migration 0007 kept that body, and give it as stored)."""
     if request_hash != digest:
         raise IdempotencyKeyReused(
             "This Idempotency-Key was used for another request; use a new key for a new redemption."
         )
     if response is None:
-        assert redemption_id is not None, "a 201 answer names its redemption"
+        assert redemption_id is not None, "an answer without a body is a held redemption"
         redemption = Redemption.objects.select_related("reward", "provider").get(pk=redemption_id)
-        return RedemptionAnswer(status=status_code, body=redemption_json(redemption, as_held=True), replayed=True)
+        return RedemptionAnswer(body=redemption_json(redemption, as_held=True), held=True, replayed=True)
     body = json.loads(response) if isinstance(response, str) else response
-    return RedemptionAnswer(status=status_code, body=body, replayed=True)
+    return RedemptionAnswer(body=body, held=redemption_id is not None, replayed=True)
 
 
 def answer_stored(*, person_id: int, key: str, digest: str) -> RedemptionAnswer | None:
     """The key's stored answer, replayed (see :func:`answer_replayed`); None if it has none."""
     stored = (
         RedemptionRequest.objects.filter(person_id=person_id, key=key)
-        .values_list("request_hash", "status_code", "response", "redemption_id")
+        .values_list("request_hash", "response", "redemption_id")
         .first()
     )
     if stored is None:
@@ -120,16 +119,9 @@ def refusal_stored(
     On the database path the hold's statement has committed and released the key's lock by now, so a
     request with the same key may have stored its answer in between: that answer, the key's first,
     is then the one given (the insert does nothing)."""
-    answer = RedemptionAnswer(status=refusal.status, body=refusal.problem())
+    answer = RedemptionAnswer(body=refusal.problem(), held=False)
     sql, params = insert_sql(
-        RedemptionRequest(
-            person_id=person_id,
-            key=key,
-            request_hash=digest,
-            status_code=answer.status,
-            response=answer.body,
-            created_at=now,
-        )
+        RedemptionRequest(person_id=person_id, key=key, request_hash=digest, response=answer.body, created_at=now)
     )
     with connection.cursor() as cursor:
         cursor.execute(f"{sql} ON CONFLICT (person_id, key) DO NOTHING", params)

@@ -49,12 +49,12 @@ def story(person: Any, other: Any) -> list[Any]:
         try:
             if key is None:
                 held = redemption_hold(person=who, reward_code=reward, quantity=quantity, now=NOW)
-                outcomes.append(("held", held.public_id, held.points))
+                outcomes.append(("held without a key", held.public_id, held.points))
             else:
                 answer = redemption_request(
                     person=who, idempotency_key=key, reward_code=reward, quantity=quantity, now=NOW
                 )
-                outcomes.append((answer.status, answer.body, answer.replayed))
+                outcomes.append(("held" if answer.held else answer.body["code"], answer.body, answer.replayed))
         except (RedemptionRefused, IdempotencyKeyReused, InvalidReward) as exc:
             outcomes.append((type(exc).__name__, exc.problem()))
 
@@ -64,6 +64,7 @@ def story(person: Any, other: Any) -> list[Any]:
     ask("k2", "mug", 1)  # stocked, limited to 2, the person is linked at the provider
     ask("k3", "mug", 2)  # over the limit
     ask("k4", "rare", 3)  # more than the stock
+    ask("k4", "rare", 3)  # a refusal's stored answer again
     ask("k5", "closed", 1)  # outside its window
     ask("k6", "nope", 1)  # no such reward
     ask("k7", "feast", 1)  # more than the wallet holds less the debt
@@ -109,7 +110,7 @@ def snapshot(person: Any) -> dict[str, Any]:
             for p in Posting.objects.filter(transfer__kind="hold").order_by("transfer_id", "id")
         ],
         "stored answers": [
-            (r.key, r.status_code, r.redemption_id is not None, r.response)
+            (r.key, r.redemption_id is not None, r.response)
             for r in RedemptionRequest.objects.order_by("person_id", "key")
         ],
         "webhooks": [webhook(m, codes) for m in OutboxMessage.objects.order_by("id")],
@@ -189,18 +190,14 @@ def test_the_database_function_and_the_portable_path_write_and_answer_the_same(s
     assert written == portable[1]
     # And the story did what it says: each kind of outcome, and the same-key replays.
     assert [o[0] for o in outcomes] == [
-        *(201, 201, "IdempotencyKeyReused", 201),
-        *(409, 409, 409, 404, 409),
-        *("held", "InsufficientPoints", "InvalidReward", 409, 201),
+        *("held", "held", "IdempotencyKeyReused", "held"),
+        *("redemption-limit-reached", "out-of-stock", "out-of-stock", "reward-unavailable", "reward-not-found"),
+        *("insufficient-points", "held without a key", "InsufficientPoints", "InvalidReward"),
+        *("insufficient-points", "held"),
     ]
-    assert [o[1]["code"] for o in outcomes[4:9]] == [
-        "redemption-limit-reached",
-        "out-of-stock",
-        "reward-unavailable",
-        "reward-not-found",
-        "insufficient-points",
-    ]
+    assert [o[1]["status"] for o in outcomes[4:10]] == [409, 409, 409, 409, 404, 409]
     assert outcomes[1][2] is True and outcomes[1][1] == outcomes[0][1]
+    assert outcomes[6][2] is True and outcomes[6][1] == outcomes[5][1]
     assert [a["institution"] for a in outcomes[0][1]["allocations"]] == ["bank-a", "bank-b", "bus-co"]
     assert written["ledger check"] == []
 

@@ -286,12 +286,11 @@ def test_a_refusal_stored_while_a_hold_of_its_key_runs_is_the_keys_answer():
             person=person,
             key="order-1",
             request_hash=redemption_request_hash(reward_code="coffee", quantity=1),
-            status_code=409,
             response=refused,
         ),
         lambda: redemption_request(person=person, idempotency_key="order-1", reward_code="coffee", quantity=1),  # type: ignore[arg-type,return-value]
     )
 
     assert isinstance(result, RedemptionAnswer)
-    assert (result.status, result.body, result.replayed) == (409, refused, True)
+    assert (result.held, result.body, result.replayed) == (False, refused, True)
     assert_nothing_held()

@@ -311,7 +311,7 @@ def test_a_refusal_yields_to_an_answer_stored_meanwhile(provider, wallet):
         now=timezone.now(),
     )
 
-    assert (answer.status, answer.body, answer.replayed) == (201, held.body, True)
+    assert (answer.held, answer.body, answer.replayed) == (True, held.body, True)
     assert RedemptionRequest.objects.filter(person=person).count() == 1
 
 
