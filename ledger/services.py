@@ -17,15 +17,16 @@ import calendar
 import functools
 import json
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime
 from typing import Any
 
-from django.db import connection, transaction
+from django.db import DatabaseError, connection, transaction
 from django.db.models import F, Max
 from django.utils import timezone
 
-from clearinghouse.db import copy_rows, text_array_literal
+from clearinghouse.db import array_literal, copy_rows, execute_prepared, text_array_literal
 from ledger import merkle
 from ledger.exceptions import (
     BalanceOutOfRange,
@@ -33,6 +34,7 @@ from ledger.exceptions import (
     InsufficientBalance,
     InvalidAccount,
     InvalidTransfer,
+    LedgerError,
     UnbalancedTransfer,
     UnknownAccount,
 )
@@ -224,9 +226,11 @@ def _month_end(day: date) -> bool:
 def accounts_ensure(*, keys: Iterable[AccountKey]) -> dict[AccountKey, int]:
     """Account ids for ``keys``, creating the missing accounts (balance 0).
 
-    One ``SELECT`` when all exist, else an ``INSERT ... ON CONFLICT DO NOTHING RETURNING`` of the
-    missing ones (in key order, so concurrent callers cannot deadlock on each other) and, only if a
-    concurrent transaction created some first, one more ``SELECT``. Safe to call concurrently and
+    One ``SELECT`` when all exist. Else, on PostgreSQL, one call of ``ledger_accounts_ensure`` (ledger
+    migration 0004) for the missing ones: it builds their keys itself (``ledger_account_key``, the SQL
+    twin of :class:`AccountKey`), inserts them ``ON CONFLICT DO NOTHING`` in key order, so concurrent
+    callers cannot deadlock on each other, and reads those a concurrent transaction created first;
+    elsewhere a bulk insert ignoring conflicts and a second read. Safe to call concurrently and
     repeatedly; never changes an existing account. An account created in a transaction that is then
     rolled back is gone with it, so call this in the transaction that posts to the accounts (or before).
     """
@@ -238,20 +242,7 @@ def accounts_ensure(*, keys: Iterable[AccountKey]) -> dict[AccountKey, int]:
     if missing:
         now = timezone.now()
         if _postgres():
-            columns = [[getattr(wanted[k], name) for k in missing] for name in ("kind", "issuer_id", *_OPTIONAL_FIELDS)]
-            kinds, issuers, persons, subjects, expiries, redemptions, holders, providers = columns
-            with connection.cursor() as cursor:
-                cursor.execute(
-                    f"""INSERT INTO {Account._meta.db_table}
-                            (key, kind, issuer_id, person_id, subject_ref, expires_on, redemption_id,
-                             holder_institution_id, provider_id, balance, created_at)
-                        SELECT u.*, 0, %s FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::bigint[],
-                               %s::text[], %s::date[], %s::bigint[], %s::bigint[], %s::bigint[]) AS u
-                        ON CONFLICT (key) DO NOTHING
-                        RETURNING key, id""",  # noqa: S608
-                    [now, missing, kinds, issuers, persons, subjects, expiries, redemptions, holders, providers],
-                )
-                found.update(dict(cursor.fetchall()))
+            found.update(_accounts_create_in_database([wanted[k] for k in missing], now))
         else:
             Account.objects.bulk_create(
                 [
@@ -266,10 +257,38 @@ def accounts_ensure(*, keys: Iterable[AccountKey]) -> dict[AccountKey, int]:
                 ],
                 ignore_conflicts=True,
             )
-        raced = [k for k in missing if k not in found]
-        if raced:
-            found.update(_account_ids(raced))
+            found.update(_account_ids(missing))
     return {account_key: found[key] for key, account_key in wanted.items()}
+
+
+_ENSURE_CALL = (
+    "SELECT account_key, account_id FROM ledger_accounts_ensure(%s::text[], %s::bigint[], %s::bigint[], %s::text[],"
+    " %s::date[], %s::bigint[], %s::bigint[], %s::bigint[], %s::timestamptz)"
+)
+
+
+def _accounts_create_in_database(keys: list[AccountKey], now: datetime) -> dict[str, int]:
+    """``{key: id}`` of ``keys`` through ``ledger_accounts_ensure``, which writes each key itself: a key
+    it writes otherwise than :class:`AccountKey` would be a second identity for one account, so that
+    stops here, before anything is posted to it."""
+    rows = execute_prepared(
+        _ENSURE_CALL,
+        [
+            text_array_literal([k.kind for k in keys]),
+            array_literal([k.issuer_id for k in keys]),
+            array_literal([k.person_id for k in keys]),
+            text_array_literal([k.subject_ref for k in keys]),
+            array_literal([k.expires_on for k in keys]),
+            array_literal([k.redemption_id for k in keys]),
+            array_literal([k.holder_institution_id for k in keys]),
+            array_literal([k.provider_id for k in keys]),
+            now,
+        ],
+    ).fetchall()
+    ids = dict(rows)
+    if len(ids) != len(keys) or any(k.key not in ids for k in keys):
+        raise AssertionError(f"ledger_account_key disagrees with AccountKey: {sorted(ids)[:3]} for {keys[0].key!r}")
+    return ids
 
 
 def _account_ids(keys: list[str]) -> dict[str, int]:
@@ -309,13 +328,6 @@ class PostResult:
         return {**self.existing, **self.created}
 
 
-@dataclass(slots=True)
-class _Locked:
-    kind: str
-    issuer_id: int
-    balance: int
-
-
 def transfers_post(*, transfers: Sequence[TransferSpec]) -> PostResult:
     """Post a batch of transfers atomically; idempotent per ``idempotency_key``.
 
@@ -342,24 +354,28 @@ def transfers_post(*, transfers: Sequence[TransferSpec]) -> PostResult:
     specs, repeated, metadata = _validated(transfers)
     if not specs:
         return PostResult(created={}, existing={})
-    now = timezone.now()
-    with transaction.atomic():
-        created = _transfers_insert(specs, metadata, now)
-        new = [spec for spec in specs if spec.idempotency_key in created]
-        if new:
-            # In the order given, so posting ids follow it.
-            rows = [(created[s.idempotency_key], account, amount) for s in new for account, amount in s.legs]
-            _postings_insert(rows, now)
-            locked = _accounts_lock(sorted({account for spec in new for account, _ in spec.legs}))
-            _balances_apply(_balance_deltas(new, locked))
-        existing_keys = [spec.idempotency_key for spec in specs if spec.idempotency_key not in created]
-        existing = _transfer_ids(existing_keys) if existing_keys else {}
-    ordered_created = {spec.idempotency_key: created[spec.idempotency_key] for spec in new}
-    ordered_existing = {
-        key: existing[key] if key in existing else created[key]
-        for key in [spec.idempotency_key for spec in specs if spec.idempotency_key not in created] + repeated
+    engine = _engine()
+    # In autocommit the database engine's one statement is its own transaction; inside the caller's, a
+    # savepoint, so a refusal leaves the caller's transaction usable (the portable engine takes one too).
+    with transaction.atomic() if connection.in_atomic_block or engine is _post_portable else nullcontext():
+        posted = engine(specs, metadata, timezone.now())
+    created = {
+        spec.idempotency_key: posted[spec.idempotency_key][0] for spec in specs if posted[spec.idempotency_key][1]
     }
-    return PostResult(created=ordered_created, existing=ordered_existing)
+    existing = {
+        key: posted[key][0]
+        for key in [spec.idempotency_key for spec in specs if not posted[spec.idempotency_key][1]] + repeated
+    }
+    return PostResult(created=created, existing=existing)
+
+
+# What an engine makes of a batch: ``{key: (transfer id, created by this call)}`` for every key given.
+Posted = dict[str, tuple[int, bool]]
+
+
+def _engine() -> Callable[[list[TransferSpec], dict[str, str], datetime], Posted]:
+    """The posting engine of this database: ``ledger_post`` on PostgreSQL, the portable one elsewhere."""
+    return _post_in_database if _postgres() else _post_portable
 
 
 def _validated(transfers: Sequence[TransferSpec]) -> tuple[list[TransferSpec], list[str], dict[str, str]]:
@@ -402,80 +418,155 @@ def _validated(transfers: Sequence[TransferSpec]) -> tuple[list[TransferSpec], l
     return specs, repeated, metadata
 
 
-def _postings_insert(rows: list[tuple[int, int, int]], now: datetime) -> None:
-    """Insert postings ``(transfer id, account id, amount)``, all created at ``now``.
+# --- The engine in the database (PostgreSQL) ---------------------------------------------------------
 
-    On PostgreSQL one ``COPY`` of text built here: every value is an integer (``_validated`` checked the
-    legs' types) or the batch's one timestamp, so nothing needs escaping, and psycopg's per-value
-    adaptation (``write_row``) cost five times as much client CPU as formatting the lines.
-    """
-    columns = ("transfer_id", "account_id", "amount", "created_at")
-    if not _postgres():
-        copy_rows(Posting, columns, [(*row, now) for row in rows])
-        return
-    at = now.isoformat()
-    data = "".join([f"{transfer}\t{account}\t{amount}\t{at}\n" for transfer, account, amount in rows]).encode()
-    statement = f"COPY {Posting._meta.db_table} ({', '.join(columns)}) FROM STDIN"
-    with connection.cursor() as cursor, cursor.cursor.copy(statement) as copy:
-        copy.write(data)
+_POST_CALL = (
+    "SELECT transfer_key, transfer_id, created FROM ledger_post(%s::timestamptz, %s::text[], %s::text[], %s::jsonb,"
+    " %s::integer[], %s::bigint[], %s::bigint[])"
+)
 
 
-def _transfers_insert(specs: list[TransferSpec], metadata: dict[str, str], now: datetime) -> dict[str, int]:
-    """Insert the transfers whose keys are new; ``{key: id}`` of those inserted by this call."""
-    ordered = sorted(specs, key=lambda s: s.idempotency_key)  # a fixed order: concurrent batches can't deadlock
-    if _postgres():
-        with connection.cursor() as cursor:
-            # Metadata travels as one JSON array (zipped back by ROWS FROM): cheaper than a jsonb[] literal,
-            # whose every element would need quoting.
-            cursor.execute(
-                f"""INSERT INTO {Transfer._meta.db_table} (idempotency_key, kind, metadata, created_at)
-                    SELECT u.key, u.kind, u.metadata, %s
-                      FROM ROWS FROM (unnest(%s::text[]), unnest(%s::text[]), jsonb_array_elements(%s::jsonb))
-                           AS u(key, kind, metadata)
-                    ON CONFLICT (idempotency_key) DO NOTHING
-                    RETURNING idempotency_key, id""",  # noqa: S608
-                [
-                    now,
-                    [s.idempotency_key for s in ordered],
-                    [s.kind for s in ordered],
-                    "[" + ",".join(metadata[s.idempotency_key] for s in ordered) + "]",
-                ],
-            )
-            return dict(cursor.fetchall())
-    # SQLite: one writer at a time (the settings open transactions IMMEDIATE), so read-then-insert is safe.
+def _post_in_database(specs: list[TransferSpec], metadata: dict[str, str], now: datetime) -> Posted:
+    """One call of ``ledger_post`` (ledger migration 0004): transfers, postings, locks, checks and the
+    netted balance update in one statement. The arrays travel as literals built here: every value is an
+    integer (``_validated`` checked the legs' types) or a key, so nothing but the keys needs quoting,
+    and binding Python lists costs a microsecond per element."""
+    positions: list[int] = []
+    accounts: list[int] = []
+    amounts: list[int] = []
+    for position, spec in enumerate(specs, start=1):
+        for account, amount in spec.legs:
+            positions.append(position)
+            accounts.append(account)
+            amounts.append(amount)
+    keys = [spec.idempotency_key for spec in specs]
+    params = [
+        now,
+        text_array_literal(keys),
+        text_array_literal([spec.kind for spec in specs]),
+        "[" + ",".join([metadata[key] for key in keys]) + "]",
+        array_literal(positions),
+        array_literal(accounts),
+        array_literal(amounts),
+    ]
+    try:
+        rows = execute_prepared(_POST_CALL, params).fetchall()
+    except DatabaseError as exc:
+        refused = ledger_refusal(exc)
+        if refused is None:
+            raise
+        raise refused from exc
+    return {key: (transfer_id, created) for key, transfer_id, created in rows}
+
+
+# ``ledger_post``'s refusals: SQLSTATE -> what the portable engine raises for the same batch.
+_UNKNOWN_ACCOUNT, _UNBALANCED, _CROSS_ISSUER, _INSUFFICIENT, _OUT_OF_RANGE = "LG001", "LG002", "LG003", "LG004", "LG005"
+
+
+def ledger_refusal(exc: DatabaseError) -> LedgerError | None:
+    """The ledger's error behind a database error raised by ``ledger_post`` (called by
+    :func:`transfers_post` or by another app's SQL), worded as the portable engine words it; None when
+    the error is not one of the ledger's refusals."""
+    cause = exc.__cause__
+    state = getattr(cause, "sqlstate", None)
+    if state not in (_UNKNOWN_ACCOUNT, _UNBALANCED, _CROSS_ISSUER, _INSUFFICIENT, _OUT_OF_RANGE):
+        return None
+    return _refused(state, json.loads(cause.diag.message_detail))  # type: ignore[union-attr]
+
+
+def _refused(state: str, detail: Mapping[str, Any]) -> LedgerError:
+    """One refusal of a batch, as both engines raise it (``ledger_post`` documents the figures)."""
+    if state == _UNKNOWN_ACCOUNT:
+        ids = list(detail["account_ids"])
+        return UnknownAccount(f"No account with id {ids[0]}.", account_ids=ids)
+    key = detail["key"]
+    if state == _UNBALANCED:
+        total = detail["total"]
+        return UnbalancedTransfer(f"The postings of {key!r} sum to {total}, not zero.", key=key, total=total)
+    if state == _CROSS_ISSUER:
+        return CrossIssuerTransfer(
+            f"Transfer {key!r} moves points between issuers.", key=key, per_issuer=dict(detail["per_issuer"])
+        )
+    account, kind, balance = detail["account_id"], detail["kind"], detail["balance"]
+    if state == _INSUFFICIENT:
+        return InsufficientBalance(
+            f"Transfer {key!r} would take {kind} account {account} to {balance} mg.",
+            key=key,
+            account_id=account,
+            shortfall=-balance,
+        )
+    return BalanceOutOfRange(
+        f"Transfer {key!r} would take {kind} account {account} above zero.", key=key, account_id=account, excess=balance
+    )
+
+
+# --- The portable engine (SQLite) ---------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Locked:
+    kind: str
+    issuer_id: int
+    balance: int
+
+
+def _post_portable(specs: list[TransferSpec], metadata: dict[str, str], now: datetime) -> Posted:
+    """The steps of ``ledger_post`` through the ORM, in the caller's transaction: what SQLite runs (one
+    writer at a time: the settings open transactions IMMEDIATE, so reading keys before inserting is safe)."""
+    created = _transfers_insert(specs, now)
+    new = [spec for spec in specs if spec.idempotency_key in created]
+    if new:
+        # In the order given, so posting ids follow it.
+        rows = [(created[s.idempotency_key], account, amount, now) for s in new for account, amount in s.legs]
+        copy_rows(Posting, ("transfer_id", "account_id", "amount", "created_at"), rows)
+        locked = _accounts_lock(sorted({account for spec in new for account, _ in spec.legs}))
+        _balances_apply(_balance_deltas(new, locked))
+    existing_keys = [spec.idempotency_key for spec in specs if spec.idempotency_key not in created]
+    existing = dict(
+        Transfer.objects.filter(idempotency_key__in=existing_keys).values_list("idempotency_key", "id")
+        if existing_keys
+        else []
+    )
+    return {
+        key: (created[key], True) if key in created else (existing[key], False)
+        for key in [s.idempotency_key for s in specs]
+    }
+
+
+def _transfers_insert(specs: list[TransferSpec], now: datetime) -> dict[str, int]:
+    """Insert the transfers whose keys are new, in key order; ``{key: id}`` of those inserted."""
+    ordered = sorted(specs, key=lambda s: s.idempotency_key)
     taken = set(
         Transfer.objects.filter(idempotency_key__in=[s.idempotency_key for s in ordered]).values_list(
             "idempotency_key", flat=True
         )
     )
     rows = [
-        Transfer(idempotency_key=s.idempotency_key, kind=s.kind, metadata=dict(s.metadata), created_at=now)
+        Transfer(
+            idempotency_key=s.idempotency_key,
+            kind=s.kind,
+            metadata=dict(s.metadata),
+            created_at=now,
+        )
         for s in ordered
         if s.idempotency_key not in taken
     ]
     Transfer.objects.bulk_create(rows)
     if rows and rows[0].pk is None:  # a backend that cannot return ids from a bulk insert
-        return _transfer_ids([r.idempotency_key for r in rows])
+        return dict(
+            Transfer.objects.filter(idempotency_key__in=[r.idempotency_key for r in rows]).values_list(
+                "idempotency_key", "id"
+            )
+        )
     return {r.idempotency_key: r.pk for r in rows}
 
 
-def _transfer_ids(keys: list[str]) -> dict[str, int]:
-    if _postgres():
-        with connection.cursor() as cursor:
-            cursor.execute(
-                f"SELECT idempotency_key, id FROM {Transfer._meta.db_table} WHERE idempotency_key = ANY(%s)",  # noqa: S608
-                [keys],
-            )
-            return dict(cursor.fetchall())
-    return dict(Transfer.objects.filter(idempotency_key__in=keys).values_list("idempotency_key", "id"))
-
-
 def _accounts_lock(account_ids: list[int]) -> dict[int, _Locked]:
-    """Lock the accounts in ascending id order and read them.
+    """Lock the accounts in ascending id order and read them; :class:`UnknownAccount` if one is missing.
 
     ``FOR NO KEY UPDATE`` (the lock the balance UPDATE takes anyway) rather than ``FOR UPDATE``: it leaves
     the ``KEY SHARE`` locks of foreign-key checks free, so rows that merely reference an account never
-    wait on a batch holding it.
+    wait on a batch holding it. (The expiry sweep locks its lots with this too, on PostgreSQL.)
     """
     if _postgres():
         with connection.cursor() as cursor:
@@ -489,13 +580,14 @@ def _accounts_lock(account_ids: list[int]) -> dict[int, _Locked]:
         rows = list(Account.objects.filter(id__in=account_ids).values_list("id", "kind", "issuer_id", "balance"))
     locked = {row[0]: _Locked(kind=row[1], issuer_id=row[2], balance=row[3]) for row in rows}
     if len(locked) != len(account_ids):
-        unknown = sorted(set(account_ids) - set(locked))
-        raise UnknownAccount(f"No account with id {unknown[0]}.", account_ids=unknown[:20])
+        raise _refused(_UNKNOWN_ACCOUNT, {"account_ids": sorted(set(account_ids) - set(locked))[:20]})
     return locked
 
 
 def _balance_deltas(specs: list[TransferSpec], locked: dict[int, _Locked]) -> dict[int, int]:
-    """Apply the transfers in order to the locked balances; the net change per account, or an error."""
+    """Apply the transfers in order to the locked balances; the net change per account, or the first
+    refusal (as ``ledger_post`` finds it: per transfer, issuers' sums, then accounts below zero, then
+    accounts above zero, each in id order)."""
     balances = {account_id: row.balance for account_id, row in locked.items()}
     for spec in specs:
         per_issuer: dict[int, int] = {}
@@ -504,47 +596,29 @@ def _balance_deltas(specs: list[TransferSpec], locked: dict[int, _Locked]) -> di
             per_issuer[issuer_id] = per_issuer.get(issuer_id, 0) + amount
             balances[account_id] += amount
         if any(per_issuer.values()):
-            raise CrossIssuerTransfer(
-                f"Transfer {spec.idempotency_key!r} moves points between issuers.",
-                key=spec.idempotency_key,
-                per_issuer={str(k): v for k, v in per_issuer.items() if v},
-            )
+            moved = {str(k): v for k, v in per_issuer.items() if v}
+            raise _refused(_CROSS_ISSUER, {"key": spec.idempotency_key, "per_issuer": moved})
         touched = sorted({account_id for account_id, _ in spec.legs})
-        for account_id in touched:  # the account short of points first: the more telling error
-            balance, row = balances[account_id], locked[account_id]
-            if balance < 0 and row.kind in NON_NEGATIVE_KINDS:
-                raise InsufficientBalance(
-                    f"Transfer {spec.idempotency_key!r} would take {row.kind} account {account_id} to {balance} mg.",
-                    key=spec.idempotency_key,
-                    account_id=account_id,
-                    shortfall=-balance,
-                )
-        for account_id in touched:
-            balance, row = balances[account_id], locked[account_id]
-            if balance > 0 and row.kind not in NON_NEGATIVE_KINDS:
-                raise BalanceOutOfRange(
-                    f"Transfer {spec.idempotency_key!r} would take {row.kind} account {account_id} above zero.",
-                    key=spec.idempotency_key,
-                    account_id=account_id,
-                    excess=balance,
-                )
+        for state, wrong in ((_INSUFFICIENT, _below_zero), (_OUT_OF_RANGE, _above_zero)):
+            for account_id in touched:
+                balance, kind = balances[account_id], locked[account_id].kind
+                if wrong(kind, balance):
+                    detail = {"key": spec.idempotency_key, "account_id": account_id, "kind": kind, "balance": balance}
+                    raise _refused(state, detail)
     return {a: balances[a] - row.balance for a, row in locked.items() if balances[a] != row.balance}
 
 
+def _below_zero(kind: str, balance: int) -> bool:
+    return balance < 0 and kind in NON_NEGATIVE_KINDS
+
+
+def _above_zero(kind: str, balance: int) -> bool:
+    return balance > 0 and kind not in NON_NEGATIVE_KINDS
+
+
 def _balances_apply(deltas: dict[int, int]) -> None:
-    """One netted UPDATE: each touched account's row is written once per batch, however hot."""
-    if not deltas:
-        return
-    ids = sorted(deltas)
-    if _postgres():
-        with connection.cursor() as cursor:
-            cursor.execute(
-                f"""UPDATE {Account._meta.db_table} AS a SET balance = a.balance + d.delta
-                      FROM unnest(%s::bigint[], %s::bigint[]) AS d(id, delta) WHERE a.id = d.id""",  # noqa: S608
-                [ids, [deltas[i] for i in ids]],
-            )
-        return
-    for account_id in ids:
+    """One UPDATE per touched account (SQLite; ``ledger_post`` nets them into one statement)."""
+    for account_id in sorted(deltas):
         Account.objects.filter(pk=account_id).update(balance=F("balance") + deltas[account_id])
 
 

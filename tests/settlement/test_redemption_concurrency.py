@@ -110,8 +110,12 @@ def test_the_same_key_twenty_times_at_once_creates_one_redemption():
     assert ledger_check() == []
 
 
-# Where a hold waits on a row lock: its own statements on the portable path, the one call on PostgreSQL's.
-HOLD_WAITS = r'^\s*(UPDATE\s+"?settlement_reward"?\s|SELECT .* FOR NO KEY UPDATE|SELECT settlement_redemption_hold\()'
+# Where a hold waits on a row lock: on the portable path its own statements and the ledger's posting call,
+# on the database path its one call.
+HOLD_WAITS = (
+    r'^\s*(UPDATE\s+"?settlement_reward"?\s|SELECT .* FOR NO KEY UPDATE|SELECT .* FROM ledger_post\('
+    r"|SELECT settlement_redemption_hold\()"
+)
 
 
 def hold_against_uncommitted(change: Callable[[], Any], hold: Callable[[], Redemption]) -> BaseException | Redemption:
