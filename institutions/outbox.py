@@ -84,7 +84,8 @@ CONTENT_TYPE = "application/cloudevents+json"
 MAX_RESPONSE_BYTES = 64 * 1024
 
 
-def _source() -> str:
+def outbox_source() -> str:
+    """The CloudEvents ``source`` of every webhook the hub sends (``HUB_EVENT_SOURCE``)."""
     return getattr(settings, "HUB_EVENT_SOURCE", "/clearinghouse")
 
 
@@ -111,7 +112,8 @@ def outbox_enqueue(
 
     The CloudEvent is built here, once: its ``id`` is the ``webhook-id`` of every attempt (see
     :func:`outbox_message` for ``subject_sealed``). Delivery starts after the surrounding transaction
-    commits (and never if it rolls back).
+    commits (and never if it rolls back). SQL of other apps stores webhooks through this function's SQL
+    twin, ``institutions_outbox_enqueue`` (institutions/sql), which builds the same bytes.
     """
     message = outbox_message(
         institution_id=institution.pk, type=type, data=data, subject=subject, subject_sealed=subject_sealed
@@ -148,13 +150,12 @@ def outbox_message_id() -> str:
 
 
 def outbox_event_head(*, message_id: str, type: str, time: datetime, subject: str | None = None) -> str:
-    """The CloudEvent's JSON up to its ``data``: the caller appends the data's JSON and a closing brace.
-    :func:`outbox_message` does; so does the database function that holds redemptions, which writes its
-    webhook with the hold (``settlement_redemption_hold``)."""
+    """The CloudEvent's JSON up to its ``data``: the caller appends the data's JSON and a closing brace, as
+    :func:`outbox_message` does (``institutions_outbox_enqueue`` builds the same in SQL)."""
     event: dict[str, Any] = {
         "specversion": "1.0",
         "id": message_id,
-        "source": _source(),
+        "source": outbox_source(),
         "type": type,
         "time": time.isoformat().replace("+00:00", "Z"),
         "datacontenttype": "application/json",

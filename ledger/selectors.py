@@ -1,4 +1,4 @@
-"""Reads of the ledger that are more than a query: the invariant check and block verification."""
+"""Reads of the ledger that are more than a query: a person's lots, the invariant check and block verification."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import logging
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import date
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
@@ -19,7 +20,7 @@ from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from ledger import merkle
-from ledger.models import NON_NEGATIVE_KINDS, NON_POSITIVE_KINDS, Account, Block, Posting, Transfer
+from ledger.models import NON_NEGATIVE_KINDS, NON_POSITIVE_KINDS, Account, AccountKind, Block, Posting, Transfer
 from ledger.services import block_header_of, leaf_rows, leaves_root
 
 logger = logging.getLogger(__name__)
@@ -27,6 +28,21 @@ logger = logging.getLogger(__name__)
 # Each check reports at most this many offenders; the count says how many there were.
 PROBLEMS_PER_CHECK = 20
 PUBLIC_KEY_PREFIX = "whpk_"  # the hub's public keys are published as ``whpk_<base64 of 32 bytes>``
+
+
+# (account id, kind, issuer id, expires_on, balance)
+PersonLot = tuple[int, str, int, date | None, int]
+
+
+def person_lots(*, person_id: int) -> list[PersonLot]:
+    """A person's wallet lots that hold points and the debts they owe back (balance < 0), in no order,
+    read through the ledger's person index. Lapsed lots are included: the caller tests the expiry.
+    SQL twin, for other apps' SQL: ``ledger_person_lots`` (ledger/sql)."""
+    return list(
+        Account.objects.filter(
+            Q(kind=AccountKind.WALLET_LOT, balance__gt=0) | Q(kind=AccountKind.DEBT, balance__lt=0), person_id=person_id
+        ).values_list("id", "kind", "issuer_id", "expires_on", "balance")
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,7 +6,8 @@
 -- naming account i; NULL or '' where a kind has no such part), creating those that do not exist
 -- with balance 0. What ledger.services.accounts_ensure does on PostgreSQL for the keys it does not
 -- find, and how SQL of other apps gets ledger accounts: the key is built here (ledger_account_key),
--- never by the caller. Returns (account_key, account_id) per distinct account, in no order.
+-- never by the caller. Returns one row per account given, in the order given: its position (from 1),
+-- key and id.
 --
 -- The missing accounts are inserted in key order (byte order), so concurrent callers cannot
 -- deadlock on each other's keys; one created meanwhile by a concurrent transaction is read after the
@@ -21,20 +22,22 @@ CREATE FUNCTION ledger_accounts_ensure(
     p_holders bigint[],
     p_providers bigint[],
     p_now timestamptz
-) RETURNS TABLE (account_key text, account_id bigint) LANGUAGE plpgsql
+) RETURNS TABLE (ordinal integer, account_key text, account_id bigint) LANGUAGE plpgsql
 AS $$
 DECLARE
-    wanted text[];
+    given text[];               -- the keys, in the order given
+    wanted text[];              -- the same, once each
     found_keys text[];
     found_ids bigint[];
     made_keys text[];
     made_ids bigint[];
 BEGIN
-    SELECT array_agg(DISTINCT ledger_account_key(u.kind, u.issuer, u.person, u.subject, u.expires_on, u.redemption,
-                                                 u.holder, u.provider))
-      INTO wanted
+    SELECT array_agg(ledger_account_key(u.kind, u.issuer, u.person, u.subject, u.expires_on, u.redemption, u.holder,
+                                        u.provider) ORDER BY u.n)
+      INTO given
       FROM unnest(p_kinds, p_issuers, p_persons, p_subjects, p_expiries, p_redemptions, p_holders, p_providers)
-           AS u(kind, issuer, person, subject, expires_on, redemption, holder, provider);
+           WITH ORDINALITY AS u(kind, issuer, person, subject, expires_on, redemption, holder, provider, n);
+    SELECT array_agg(DISTINCT g.key) INTO wanted FROM unnest(given) AS g(key);
     SELECT COALESCE(array_agg(a.key), '{}'), COALESCE(array_agg(a.id), '{}') INTO found_keys, found_ids
       FROM ledger_account a
      WHERE a.key = ANY(wanted);
@@ -69,5 +72,9 @@ BEGIN
              WHERE a.key = ANY(wanted) AND NOT a.key = ANY(found_keys);
         END IF;
     END IF;
-    RETURN QUERY SELECT f.account_key, f.account_id FROM unnest(found_keys, found_ids) AS f(account_key, account_id);
+    RETURN QUERY
+        SELECT g.n::integer, g.key, f.id
+          FROM unnest(given) WITH ORDINALITY AS g(key, n)
+          JOIN unnest(found_keys, found_ids) AS f(key, id) ON f.key = g.key
+         ORDER BY g.n;
 END $$;

@@ -2,8 +2,9 @@
 
 On PostgreSQL (unless ``HUB_REDEMPTION_HOLD_IN_DATABASE`` is off) the locks, checks and writes of a
 hold, the key's answer and the provider's webhook are one statement: with Django's autocommit one
-round trip that commits. The function makes the same decisions and writes as the portable engine
-(:mod:`settlement.services.hold_portable`); the settlement migrations that define it describe its answers.
+round trip that commits. The function (``settlement/sql/settlement_redemption_hold.v3.sql``, which
+describes its answers) makes the same decisions and writes as the portable engine
+(:mod:`settlement.services.hold_portable`), and moves the points through the ledger's own ``ledger_post``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from django.db import DatabaseError, connection
 from django.utils import timezone
 
 from clearinghouse.db import execute_prepared
-from institutions.outbox import outbox_event_head, outbox_message_id
+from institutions.outbox import outbox_source
+from ledger.exceptions import InsufficientBalance
+from ledger.services import ledger_refusal
 from methodology.books import owner_lock_id, person_owner
 from settlement.exceptions import RedemptionRefused
 from settlement.models import RedemptionStatus, new_redemption_id
@@ -34,16 +37,16 @@ class AnsweredMeanwhile(Exception):
 
 
 def hold_in_database() -> bool:
-    """Whether holds run as the database function ``settlement_redemption_hold`` (settlement migrations
-    0006 and 0007): on PostgreSQL unless ``HUB_REDEMPTION_HOLD_IN_DATABASE`` is off. One statement, with
-    the key's answer and the webhook, instead of the portable path's eighteen; the same decisions and
-    rows (``tests/settlement/test_hold_engines.py``)."""
+    """Whether holds run as the database function ``settlement_redemption_hold``: on PostgreSQL unless
+    ``HUB_REDEMPTION_HOLD_IN_DATABASE`` is off. One statement, with the key's answer and the webhook,
+    instead of the portable engine's many; the same decisions and rows
+    (``tests/settlement/test_hold_engines.py``)."""
     return connection.vendor == "postgresql" and settings.HUB_REDEMPTION_HOLD_IN_DATABASE
 
 
 @dataclass(frozen=True, slots=True)
 class HoldOutcome:
-    """What ``settlement_redemption_hold`` answered (its migrations describe each ``kind``)."""
+    """What ``settlement_redemption_hold`` answered (its SQL file describes each ``kind``)."""
 
     kind: str  # in-flight, stored, refused, held
     public_id: str
@@ -62,7 +65,7 @@ class HoldOutcome:
 
 _HOLD_CALL = (
     "SELECT settlement_redemption_hold(%s::bigint, %s::bigint, %s::bigint, %s::text, %s::text, %s::integer,"
-    " %s::timestamptz, %s::date, %s::text, %s::timestamptz, %s::text, %s::text, %s::text, %s::text)"
+    " %s::timestamptz, %s::date, %s::text, %s::timestamptz, %s::text, %s::text, %s::text)"
 )
 
 
@@ -84,7 +87,6 @@ def hold_call(
     now = now or timezone.now()
     public_id = new_redemption_id()
     hold_expires_at = now + timedelta(hours=settings.HUB_REDEMPTION_HOLD_HOURS)
-    message_id = outbox_message_id()
     params = [
         person_id,
         owner_lock_id(person_owner(person_id)),
@@ -97,16 +99,18 @@ def hold_call(
         public_id,
         hold_expires_at,
         request_hash,
-        message_id,
         REDEMPTION_REQUESTED,
-        outbox_event_head(message_id=message_id, type=REDEMPTION_REQUESTED, time=now),
+        outbox_source(),
     ]
     try:
         (returned,) = execute_prepared(_HOLD_CALL, params).fetchone()
     except DatabaseError as exc:
-        sqlstate = getattr(exc.__cause__, "sqlstate", None)
-        if sqlstate == "CH001":
+        refused = ledger_refusal(exc)
+        if isinstance(refused, InsufficientBalance):  # a lot swept since the hold read it (ledger_post)
             raise points_gone() from exc
+        if refused is not None:
+            raise refused from exc
+        sqlstate = getattr(exc.__cause__, "sqlstate", None)
         if sqlstate == "CH002":
             raise stock_gone(reward_code) from exc
         if sqlstate == "CH003":

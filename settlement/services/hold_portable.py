@@ -8,20 +8,20 @@ decisions and writes are one call of the database function ``settlement_redempti
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, datetime, timedelta
 from typing import Any
 
 from django.conf import settings
-from django.db import connection
+from django.db.models import F, Sum
 from django.utils import timezone
 
-from clearinghouse.db import execute_prepared
 from institutions.models import Institution
 from institutions.outbox import outbox_enqueue
+from institutions.selectors import institution_codes, provider_state
 from ledger.exceptions import InsufficientBalance
-from ledger.models import Account, AccountKind, TransferKind
+from ledger.models import AccountKind, TransferKind
+from ledger.selectors import person_lots
 from ledger.services import AccountKey, TransferSpec, accounts_ensure, transfers_post
 from settlement.exceptions import (
     InsufficientPoints,
@@ -42,8 +42,7 @@ from settlement.models import (
 from settlement.selectors import redemption_body
 from settlement.services.hold_refusals import points_gone, refusal, stock_gone
 from settlement.webhooks import REDEMPTION_REQUESTED, redemption_requested_data
-from wallets.models import Membership
-from wallets.selectors import MG_PER_POINT, standard_today
+from wallets.selectors import MG_PER_POINT, standard_today, subject_sealed_at
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,25 +58,22 @@ def spendable_lots(*, person_id: int, today: date) -> tuple[list[Lot], int]:
     """The person's live wallet lots with points, soonest-expiring first (then issuer, then account id),
     and the milligrams they owe back (debts, >= 0). Read under the person's owner lock to be current.
 
-    One query through the ledger's ``ledger_account_person`` index, with the issuers' codes joined in. The
-    expiry is tested here, not in the query: there the prepared statement's generic plan ANDed the
-    person's index with the lots' expiry index, a scan of every live lot in the hub. Lapsed lots with
-    points are few (the expiry job sweeps them)."""
-    rows, _ = _run(
-        f"""SELECT a.id, a.kind, a.issuer_id, i.code, a.expires_on, a.balance
-              FROM {Account._meta.db_table} a JOIN {Institution._meta.db_table} i ON i.id = a.issuer_id
-             WHERE a.person_id = %s AND (a.kind = %s AND a.balance > 0 OR a.kind = %s AND a.balance < 0)""",  # noqa: S608
-        [person_id, str(AccountKind.WALLET_LOT), str(AccountKind.DEBT)],
-    )
-    lots: list[Lot] = []
+    The ledger's reader of a person's lots and debts (``ledger.selectors.person_lots``), then the
+    issuers' codes from the edge. The expiry is tested here, after the read, as the database engine
+    tests it. Lapsed lots with points are few (the expiry job sweeps them)."""
+    lots: list[tuple[int, int, date]] = []
+    balances: dict[int, int] = {}
     owed = 0
-    for account_id, kind, issuer_id, code, expires_on, balance in rows:
+    for account_id, kind, issuer_id, expires_on, balance in person_lots(person_id=person_id):
         if kind == AccountKind.DEBT:
             owed -= balance
-        elif expires_on >= today:
-            lots.append(Lot(account_id, issuer_id, code, expires_on, balance))
-    lots.sort(key=lambda lot: (lot.expires_on, lot.issuer_id, lot.account_id))
-    return lots, owed
+        elif expires_on is not None and expires_on >= today:
+            lots.append((account_id, issuer_id, expires_on))
+            balances[account_id] = balance
+    codes = institution_codes(issuer_id for _, issuer_id, _ in lots)
+    spendable = [Lot(a, i, codes[i], e, balances[a]) for a, i, e in lots]
+    spendable.sort(key=lambda lot: (lot.expires_on, lot.issuer_id, lot.account_id))
+    return spendable, owed
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,40 +90,43 @@ class Offer:
     active_until: datetime | None
     provider_id: int
     provider_code: str
-    provider_active: bool
-    provider_is_provider: bool
+    providing: bool
     subject_sealed: str | None
     units_taken: int
 
 
 def _offer(*, reward_code: str, person_id: int) -> Offer | None:
-    """One query: the reward, its provider, the person's link there and their units of it so far."""
-    rows, _ = _run(
-        f"""SELECT r.id, r.code, r.points, r.stock, r.per_person_limit, r.active_from, r.active_until,
-                   p.id, p.code, p.status = %s, p.is_provider,
-                   (SELECT m.subject_sealed FROM {Membership._meta.db_table} m
-                     WHERE m.institution_id = p.id AND m.person_id = %s AND m.unlinked_at IS NULL LIMIT 1),
-                   CASE WHEN r.per_person_limit IS NULL THEN 0 ELSE
-                       (SELECT COALESCE(SUM(x.quantity), 0) FROM {Redemption._meta.db_table} x
-                         WHERE x.person_id = %s AND x.reward_id = r.id AND x.status IN (%s, %s)) END
-              FROM {Reward._meta.db_table} r JOIN {Institution._meta.db_table} p ON p.id = r.provider_id
-             WHERE r.code = %s""",  # noqa: S608
-        [
-            str(Institution.Status.ACTIVE),
-            person_id,
-            person_id,
-            str(RedemptionStatus.PENDING),
-            str(RedemptionStatus.FULFILLED),
-            reward_code,
-        ],
-    )
-    if not rows:
+    """The reward; its provider and the person's link there, read through the edge's and wallets'
+    selectors; and the person's units of it so far."""
+    reward = Reward.objects.filter(code=reward_code).first()
+    if reward is None:
         return None
-    row = list(rows[0])
-    for index in (5, 6):  # SQLite hands raw timestamps back naive (in UTC); PostgreSQL aware
-        if row[index] is not None and timezone.is_naive(row[index]):
-            row[index] = timezone.make_aware(row[index], UTC)
-    return Offer(*row)
+    provider = provider_state(reward.provider_id)
+    assert provider is not None, "a reward's provider exists (a protected foreign key)"
+    units_taken = 0
+    if reward.per_person_limit is not None:
+        units_taken = (
+            Redemption.objects.filter(
+                person_id=person_id,
+                reward_id=reward.pk,
+                status__in=[RedemptionStatus.PENDING, RedemptionStatus.FULFILLED],
+            ).aggregate(units=Sum("quantity"))["units"]
+            or 0
+        )
+    return Offer(
+        reward_id=reward.pk,
+        code=reward.code,
+        points=reward.points,
+        stock=reward.stock,
+        per_person_limit=reward.per_person_limit,
+        active_from=reward.active_from,
+        active_until=reward.active_until,
+        provider_id=reward.provider_id,
+        provider_code=provider[0],
+        providing=provider[1],
+        subject_sealed=subject_sealed_at(person_id=person_id, institution_id=reward.provider_id),
+        units_taken=units_taken,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,9 +151,7 @@ def hold_plan(
     offer = _offer(reward_code=reward_code, person_id=person_id)
     if offer is None:
         raise refusal(RewardNotFound.code, reward_code, {})
-    if not (
-        window_open(offer.active_from, offer.active_until, now) and offer.provider_active and offer.provider_is_provider
-    ):
+    if not (window_open(offer.active_from, offer.active_until, now) and offer.providing):
         raise refusal(RewardUnavailable.code, offer.code, {})
     if offer.stock is not None and offer.stock < quantity:
         raise refusal(OutOfStock.code, offer.code, {"stock": offer.stock})
@@ -181,9 +178,9 @@ def hold_write(plan: HoldPlan, *, answer_key: tuple[str, str] | None = None) -> 
     """The writes of :func:`redemption_hold`, in the caller's transaction; ``(redemption pk, its JSON)``.
 
     With ``answer_key`` (key, request hash) the key's answer is stored too (the redemption, without a body,
-    which a replay rebuilds from the redemption; see :func:`answer_replayed`). The redemption,
-    its allocations and the answer go in one statement; then the hold accounts and the ledger transfer,
-    the webhook, and the stock. Raises :class:`InsufficientPoints` or :class:`OutOfStock` only when a
+    which a replay rebuilds from the redemption; see :func:`answer_replayed`). The redemption, its
+    allocations and the answer first; then the hold accounts and the ledger transfer, the webhook, and
+    the stock. Raises :class:`InsufficientPoints` or :class:`OutOfStock` only when a
     concurrent change beat it after the checks (a lot swept by the expiry job, the last unit taken);
     the caller must then roll back what was written.
     """
@@ -207,9 +204,10 @@ def hold_write(plan: HoldPlan, *, answer_key: tuple[str, str] | None = None) -> 
         hold_expires_at=hold_expires_at,
     )
     redemption_id = _redemption_insert(plan, public_id, hold_expires_at, answer=answer_key)
-    holds = _hold_accounts(redemption_id, per_issuer)
+    hold_keys = {i: AccountKey.redemption_hold(redemption_id=redemption_id, issuer_id=i) for i in per_issuer}
+    holds = accounts_ensure(keys=hold_keys.values())
     legs = [(lot.account_id, -take) for lot, take in plan.taken]
-    legs += [(holds[issuer_id], mg) for issuer_id, mg in sorted(per_issuer.items())]
+    legs += [(holds[hold_keys[issuer_id]], mg) for issuer_id, mg in sorted(per_issuer.items())]
     try:
         transfers_post(
             transfers=[
@@ -234,11 +232,10 @@ def hold_write(plan: HoldPlan, *, answer_key: tuple[str, str] | None = None) -> 
     )
     # The stock last, so the reward row is locked only until the commit; the UPDATE re-checks it.
     if offer.stock is not None:
-        _, updated = _run(
-            f"UPDATE {Reward._meta.db_table} SET stock = stock - %s WHERE id = %s AND stock >= %s",  # noqa: S608
-            [plan.quantity, offer.reward_id, plan.quantity],
+        taken = Reward.objects.filter(pk=offer.reward_id, stock__gte=plan.quantity).update(
+            stock=F("stock") - plan.quantity
         )
-        if updated != 1:
+        if taken != 1:
             raise stock_gone(offer.code)
     return redemption_id, body
 
@@ -247,96 +244,35 @@ def _redemption_insert(
     plan: HoldPlan, public_id: str, hold_expires_at: datetime, *, answer: tuple[str, str] | None
 ) -> int:
     """Insert the redemption, its allocations and, given ``answer`` (key, request hash), the key's
-    stored answer. Returns the redemption's pk. On PostgreSQL one statement."""
-    if connection.vendor != "postgresql":
-        redemption = Redemption.objects.create(
-            public_id=public_id,
-            person_id=plan.person_id,
-            reward_id=plan.offer.reward_id,
-            provider_id=plan.offer.provider_id,
-            quantity=plan.quantity,
-            points=plan.points,
-            created_at=plan.now,
-            hold_expires_at=hold_expires_at,
+    stored answer. Returns the redemption's pk."""
+    redemption = Redemption.objects.create(
+        public_id=public_id,
+        person_id=plan.person_id,
+        reward_id=plan.offer.reward_id,
+        provider_id=plan.offer.provider_id,
+        quantity=plan.quantity,
+        points=plan.points,
+        created_at=plan.now,
+        hold_expires_at=hold_expires_at,
+    )
+    RedemptionAllocation.objects.bulk_create(
+        RedemptionAllocation(
+            redemption=redemption,
+            lot_id=lot.account_id,
+            issuer_id=lot.issuer_id,
+            expires_on=lot.expires_on,
+            milligrams=take,
         )
-        RedemptionAllocation.objects.bulk_create(
-            RedemptionAllocation(
-                redemption=redemption,
-                lot_id=lot.account_id,
-                issuer_id=lot.issuer_id,
-                expires_on=lot.expires_on,
-                milligrams=take,
-            )
-            for lot, take in plan.taken
-        )
-        if answer is not None:
-            key, request_hash = answer
-            RedemptionRequest.objects.create(
-                person_id=plan.person_id,
-                key=key,
-                request_hash=request_hash,
-                response=None,
-                redemption=redemption,
-                created_at=plan.now,
-            )
-        return redemption.pk
-    lots = [lot for lot, _ in plan.taken]
-    params: list[Any] = [
-        public_id,
-        plan.person_id,
-        plan.offer.reward_id,
-        plan.offer.provider_id,
-        plan.quantity,
-        plan.points,
-        str(RedemptionStatus.PENDING),
-        plan.now,
-        hold_expires_at,
-        [lot.account_id for lot in lots],
-        [lot.issuer_id for lot in lots],
-        [lot.expires_on for lot in lots],
-        [take for _, take in plan.taken],
-    ]
-    answered = ""
+        for lot, take in plan.taken
+    )
     if answer is not None:
         key, request_hash = answer
-        answered = f""", answered AS (
-            INSERT INTO {RedemptionRequest._meta.db_table}
-                   (person_id, key, request_hash, response, redemption_id, created_at)
-            SELECT %s, %s, %s, NULL, redemption.id, %s FROM redemption)"""  # noqa: S608
-        params += [plan.person_id, key, request_hash, plan.now]
-    ((redemption_id,),), _ = _run(
-        f"""WITH redemption AS (
-                INSERT INTO {Redemption._meta.db_table}
-                       (public_id, person_id, reward_id, provider_id, quantity, points, status, created_at,
-                        hold_expires_at, resolved_by, voucher, reason)
-                VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, '', '', '') RETURNING id
-            ), allocations AS (
-                INSERT INTO {RedemptionAllocation._meta.db_table}
-                       (redemption_id, lot_id, issuer_id, expires_on, milligrams)
-                SELECT redemption.id, u.lot, u.issuer, u.expires_on, u.mg
-                  FROM redemption, unnest(%s::bigint[], %s::bigint[], %s::date[], %s::bigint[])
-                       AS u(lot, issuer, expires_on, mg)
-            ){answered}
-            SELECT id FROM redemption""",  # noqa: S608
-        params,
-    )
-    return int(redemption_id)
-
-
-def _run(sql: str, params: Sequence[Any]) -> tuple[list[tuple[Any, ...]], int]:
-    """Rows and row count of one statement of the hold's hot path: on PostgreSQL with a prepared plan
-    (``clearinghouse.db.execute_prepared``: planning these costs more than running them)."""
-    if connection.vendor == "postgresql":
-        prepared = execute_prepared(sql, params)
-        return (prepared.fetchall() if prepared.description else []), prepared.rowcount
-    with connection.cursor() as cursor:
-        cursor.execute(sql, params)
-        return (cursor.fetchall() if cursor.description else []), cursor.rowcount
-
-
-def _hold_accounts(redemption_id: int, issuer_ids: Iterable[int]) -> dict[int, int]:
-    """``{issuer id: account id}`` of the redemption's ``redemption_hold`` accounts."""
-    keys = accounts_ensure(
-        keys=[AccountKey.redemption_hold(redemption_id=redemption_id, issuer_id=issuer_id) for issuer_id in issuer_ids]
-    )
-    return {key.issuer_id: account_id for key, account_id in keys.items()}
+        RedemptionRequest.objects.create(
+            person_id=plan.person_id,
+            key=key,
+            request_hash=request_hash,
+            response=None,
+            redemption=redemption,
+            created_at=plan.now,
+        )
+    return redemption.pk

@@ -1,6 +1,31 @@
 -- settlement_redemption_hold, version 3 (settlement migration 0008): the one in use.
--- Frozen: a migration loads it. A change to the function is a new version and a new migration
--- (docs/decisions.md, "SQL functions live in versioned files").
+-- Frozen once released: a change to the function is a new version and a new migration (docs/decisions.md,
+-- "SQL functions live in versioned files").
+--
+-- A redemption hold in one call: the database engine of settlement.services.holds, making the same
+-- decisions and writes as the portable engine (settlement.services.hold_portable), which
+-- tests/settlement/test_hold_engines.py holds equal. What it writes in other apps' books it writes
+-- through their functions, and what it reads of them through their readers:
+--   ledger        ledger_person_lots (the person's lots and debts), ledger_accounts_ensure (the hold
+--                 accounts, their keys written by the ledger) and ledger_post (the transfer: postings,
+--                 locks, checks and balances);
+--   institutions  institutions_provider and institutions_codes (the provider and the issuers' codes),
+--                 institutions_outbox_enqueue (the provider's webhook, its CloudEvent built by the edge);
+--   wallets       wallets_subject_sealed (the person's link at the provider, for the webhook).
+-- Its own tables it writes itself: the redemption, its allocations, the stock and the key's answer.
+--
+-- Answers one JSON object; "outcome" says which:
+--   in-flight  another transaction holds the Idempotency-Key's lock (nothing was done);
+--   stored     the key has an answer: "request_hash", "response" (null for a held redemption) and
+--              "redemption_id" (of a held one);
+--   refused    a check failed before anything was written: "code" and the figures its problem names
+--              ("stock"; "limit" and "taken"; "points" and "available_mg");
+--   held       written: "id" of the redemption, "reward", "provider_code", "points" and "milligrams"
+--              per issuer code.
+-- Refusals a concurrent change can cause after the writes began raise instead, so the caller's
+-- transaction rolls back and stores nothing: the ledger's LG004 (a lot was swept since it was read:
+-- insufficient points), CH002 (the last unit of stock was taken) and CH003 (a refusal was stored under
+-- the key meanwhile: that answer stands).
 CREATE FUNCTION settlement_redemption_hold(
     p_person bigint,
     p_owner_lock bigint,
@@ -13,9 +38,8 @@ CREATE FUNCTION settlement_redemption_hold(
     p_public_id text,
     p_hold_expires_at timestamptz,
     p_request_hash text,        -- the key's request hash (with p_key)
-    p_message_id text,          -- the webhook: its id, type, and CloudEvent text up to its data
-    p_event_type text,
-    p_event_head text
+    p_event_type text,          -- the provider's webhook: its type and CloudEvents source
+    p_event_source text
 ) RETURNS jsonb LANGUAGE plpgsql
 -- Plan each statement once per connection: PL/pgSQL otherwise kept planning them afresh for every call
 -- (custom plans), about a fifth of the call. Every statement reads by key or by the person's index.
@@ -30,14 +54,13 @@ DECLARE
     lots_total bigint;
     owed bigint;
     redemption bigint;
-    transfer bigint;
     lot_ids bigint[];
     lot_issuers bigint[];
     lot_expiries date[];
     takes bigint[];
     hold_issuers bigint[];
     hold_amounts bigint[];
-    short_lots bigint;
+    hold_accounts bigint[];
     milligrams jsonb;
 BEGIN
     -- Each statement below reads what was committed when it started (READ COMMITTED): after the locks.
@@ -57,18 +80,17 @@ BEGIN
         END IF;
     END IF;
 
-    SELECT r.id, r.code, r.points, r.stock, r.per_person_limit, r.active_from, r.active_until,
-           p.id AS provider_id, p.code AS provider_code, p.status = 'active' AND p.is_provider AS provider_ok,
-           (SELECT m.subject_sealed FROM wallets_membership m
-             WHERE m.institution_id = p.id AND m.person_id = p_person AND m.unlinked_at IS NULL LIMIT 1) AS sealed
+    SELECT r.id, r.code, r.points, r.stock, r.per_person_limit, r.active_from, r.active_until, r.provider_id,
+           p.code AS provider_code, p.providing,
+           (SELECT m.subject_sealed FROM wallets_subject_sealed(p_person, r.provider_id) m) AS sealed
       INTO offer
-      FROM settlement_reward r JOIN institutions_institution p ON p.id = r.provider_id
+      FROM settlement_reward r, institutions_provider(r.provider_id) p
      WHERE r.code = p_reward;
     IF NOT FOUND THEN
         RETURN jsonb_build_object('outcome', 'refused', 'code', 'reward-not-found');
     END IF;
     IF NOT ((offer.active_from IS NULL OR offer.active_from <= p_now)
-            AND (offer.active_until IS NULL OR p_now < offer.active_until) AND offer.provider_ok) THEN
+            AND (offer.active_until IS NULL OR p_now < offer.active_until) AND offer.providing) THEN
         RETURN jsonb_build_object('outcome', 'refused', 'code', 'reward-unavailable');
     END IF;
     IF offer.stock IS NOT NULL AND offer.stock < p_quantity THEN
@@ -86,15 +108,13 @@ BEGIN
     points := offer.points::bigint * p_quantity;
     need := points * 1000;
 
-    -- The person's lots and debts in one read through their index, as spendable_lots reads them; the
-    -- expiry is tested after the read (MATERIALIZED keeps it out): with it inside, the cached generic
-    -- plan ANDed the person's index with the lots' expiry index, a scan of every live lot in the hub.
-    -- Points owed back are not spendable. The lots go soonest-expiring first (then issuer, then
-    -- account), each giving all it has until the need is met: "before" is what the lots ahead hold.
+    -- The person's lots and debts in one read through their index; the expiry is tested after the read
+    -- (MATERIALIZED keeps it out): with it inside, the cached generic plan ANDed the person's index with
+    -- the lots' expiry index, a scan of every live lot in the hub. Points owed back are not spendable.
+    -- The lots go soonest-expiring first (then issuer, then account), each giving all it has until the
+    -- need is met: "before" is what the lots ahead hold.
     WITH mine AS MATERIALIZED (
-        SELECT a.id, a.kind, a.issuer_id, a.expires_on, a.balance
-          FROM ledger_account a
-         WHERE a.person_id = p_person AND (a.kind = 'wallet_lot' AND a.balance > 0 OR a.kind = 'debt' AND a.balance < 0)
+        SELECT l.id, l.kind, l.issuer_id, l.expires_on, l.balance FROM ledger_person_lots(p_person) l
     ), lots AS (
         SELECT m.id, m.issuer_id, m.expires_on, m.balance,
                SUM(m.balance) OVER (ORDER BY m.expires_on, m.issuer_id, m.id) - m.balance AS before
@@ -131,55 +151,27 @@ BEGIN
     SELECT created.id INTO redemption FROM created;
 
     -- What is taken per issuer, with the issuers' codes for the answer.
-    SELECT array_agg(s.issuer ORDER BY s.issuer), array_agg(s.mg ORDER BY s.issuer), jsonb_object_agg(i.code, s.mg)
+    SELECT array_agg(s.issuer ORDER BY s.issuer), array_agg(s.mg ORDER BY s.issuer), jsonb_object_agg(c.code, s.mg)
       INTO hold_issuers, hold_amounts, milligrams
       FROM (SELECT u.issuer, SUM(u.mg)::bigint AS mg FROM unnest(lot_issuers, takes) AS u(issuer, mg)
              GROUP BY u.issuer) s
-      JOIN institutions_institution i ON i.id = s.issuer;
+      JOIN institutions_codes(lot_issuers) c ON c.id = s.issuer;
 
-    -- The ledger transfer, as ledger.services.transfers_post writes one: lots to one redemption_hold
-    -- account per issuer (keys as ledger.services.AccountKey writes them). The hold accounts are new,
-    -- so they are written with their balance (what the postings put there); the lots' balances change
-    -- below, under their locks.
-    WITH holds AS (
-        INSERT INTO ledger_account
-               (kind, key, issuer_id, person_id, subject_ref, holder_institution_id, provider_id,
-                redemption_id, expires_on, balance, created_at)
-        SELECT 'redemption_hold', 'redemption_hold:r=' || redemption || ':i=' || u.issuer, u.issuer,
-               NULL, '', NULL, NULL, redemption, NULL, u.mg, p_now
-          FROM unnest(hold_issuers, hold_amounts) AS u(issuer, mg)
-        RETURNING id, issuer_id, balance
-    ), moved AS (
-        INSERT INTO ledger_transfer (idempotency_key, kind, metadata, created_at)
-        VALUES ('redemption:' || redemption || ':hold', 'hold', jsonb_build_object('redemption', p_public_id), p_now)
-        RETURNING id
-    ), posted AS (
-        INSERT INTO ledger_posting (transfer_id, account_id, amount, created_at)
-        SELECT moved.id, legs.account, legs.amount, p_now
-          FROM moved,
-               (SELECT u.id AS account, -u.mg AS amount, u.n AS n
-                  FROM unnest(lot_ids, takes) WITH ORDINALITY AS u(id, mg, n)
-                UNION ALL
-                SELECT h.id, h.balance, cardinality(lot_ids) + row_number() OVER (ORDER BY h.issuer_id)
-                  FROM holds h) legs
-         ORDER BY legs.n
-    )
-    SELECT moved.id INTO transfer FROM moved;
-
-    -- The lots, locked in id order and read again under the lock. Counted by an aggregate over the
-    -- locking subquery, not filtered by a WHERE around it: a WHERE could be pushed into the subquery,
-    -- and then lock only the rows it keeps, tested before the lock.
-    SELECT count(*) FILTER (WHERE locked.balance < locked.mg) INTO short_lots
-      FROM (SELECT a.balance, u.mg
-              FROM ledger_account a JOIN unnest(lot_ids, takes) AS u(id, mg) ON u.id = a.id
-             ORDER BY a.id
-               FOR NO KEY UPDATE OF a) locked;
-    IF short_lots > 0 THEN
-        RAISE EXCEPTION 'a lot of person % was spent or swept since it was read', p_person USING ERRCODE = 'CH001';
-    END IF;
-    UPDATE ledger_account a SET balance = a.balance - u.mg
-      FROM unnest(lot_ids, takes) AS u(id, mg)
-     WHERE a.id = u.id;
+    -- The ledger transfer: from the lots to one redemption_hold(redemption, issuer) account per issuer.
+    SELECT array_agg(e.account_id ORDER BY e.ordinal) INTO hold_accounts
+      FROM ledger_accounts_ensure(array_fill('redemption_hold'::text, ARRAY[cardinality(hold_issuers)]), hold_issuers,
+                                  array_fill(NULL::bigint, ARRAY[cardinality(hold_issuers)]),
+                                  array_fill(''::text, ARRAY[cardinality(hold_issuers)]),
+                                  array_fill(NULL::date, ARRAY[cardinality(hold_issuers)]),
+                                  array_fill(redemption, ARRAY[cardinality(hold_issuers)]),
+                                  array_fill(NULL::bigint, ARRAY[cardinality(hold_issuers)]),
+                                  array_fill(NULL::bigint, ARRAY[cardinality(hold_issuers)]), p_now) e;
+    PERFORM ledger_post(p_now, ARRAY['redemption:' || redemption || ':hold'], ARRAY['hold'],
+                        jsonb_build_array(jsonb_build_object('redemption', p_public_id)),
+                        array_fill(1, ARRAY[cardinality(lot_ids) + cardinality(hold_accounts)]),
+                        lot_ids || hold_accounts,
+                        ARRAY(SELECT -u.mg FROM unnest(takes) WITH ORDINALITY AS u(mg, n) ORDER BY u.n)
+                            || hold_amounts);
 
     -- The stock last, so the reward row is locked only until the commit; the UPDATE re-checks it.
     IF offer.stock IS NOT NULL THEN
@@ -194,8 +186,7 @@ BEGIN
         -- A refusal under this key may have been stored since the check above (refusals are stored
         -- after their own statement, without the key's lock): then that answer stands, and this hold
         -- rolls back (CH003; the caller replays the stored answer).
-        INSERT INTO settlement_redemptionrequest
-               (person_id, key, request_hash, response, redemption_id, created_at)
+        INSERT INTO settlement_redemptionrequest (person_id, key, request_hash, response, redemption_id, created_at)
         VALUES (p_person, p_key, p_request_hash, NULL, redemption, p_now)
         ON CONFLICT (person_id, key) DO NOTHING;
         IF NOT FOUND THEN
@@ -203,15 +194,12 @@ BEGIN
         END IF;
     END IF;
 
-    -- The provider's webhook, its data as settlement.services._requested_data writes it; the person's
-    -- subject id at the provider stays sealed until the message is sent (institutions.outbox.outbox_body).
-    INSERT INTO institutions_outboxmessage
-           (institution_id, message_id, type, body, subject_sealed, status, attempts, next_attempt_at,
-            last_status_code, last_error, created_at, delivered_at)
-    VALUES (offer.provider_id, p_message_id, p_event_type,
-            p_event_head || format('{"redemption_id":%s,"reward":%s,"points":%s,"quantity":%s,"subject":null}}',
-                                   to_json(p_public_id), to_json(offer.code), points, p_quantity),
-            COALESCE(offer.sealed, ''), 'pending', 0, p_now, NULL, '', p_now, NULL);
+    -- The provider's webhook, its data as settlement.webhooks.redemption_requested_data writes it (compact
+    -- JSON, keys in that order); the person's subject id at the provider stays sealed until it is sent.
+    PERFORM institutions_outbox_enqueue(offer.provider_id, p_event_type, row_to_json(data), COALESCE(offer.sealed, ''),
+                                        p_event_source, p_now)
+       FROM (SELECT p_public_id AS redemption_id, offer.code AS reward, points AS points, p_quantity AS quantity,
+                    NULL::text AS subject) AS data;
 
     RETURN jsonb_build_object('outcome', 'held', 'id', redemption, 'reward', offer.code,
                               'provider_code', offer.provider_code, 'points', points, 'milligrams', milligrams);
