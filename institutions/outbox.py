@@ -132,12 +132,11 @@ def outbox_message(
     unseals into ``data.subject`` when the message is sent (``data`` holds null there meanwhile)."""
     message_id = outbox_message_id()
     now = timezone.now()
-    head = outbox_event_head(message_id=message_id, type=type, time=now, subject=subject)
     return OutboxMessage(
         institution_id=institution_id,
         message_id=message_id,
         type=type,
-        body=head + json.dumps(data, cls=DjangoJSONEncoder, separators=(",", ":"), ensure_ascii=False) + "}",
+        body=outbox_event(message_id=message_id, type=type, time=now, data=data, subject=subject),
         subject_sealed=subject_sealed,
         next_attempt_at=now,
         created_at=now,
@@ -149,9 +148,21 @@ def outbox_message_id() -> str:
     return f"msg_{uuid.uuid4().hex}"
 
 
+def outbox_event(
+    *, message_id: str, type: str, time: datetime, data: dict[str, Any], subject: str | None = None
+) -> str:
+    """The CloudEvent as stored, compact JSON: the envelope (:func:`outbox_event_head`), the data, and the
+    closing brace. ``institutions_outbox_enqueue`` (institutions/sql) builds the same bytes in SQL."""
+    return (
+        outbox_event_head(message_id=message_id, type=type, time=time, subject=subject)
+        + json.dumps(data, cls=DjangoJSONEncoder, separators=(",", ":"), ensure_ascii=False)
+        + "}"
+    )
+
+
 def outbox_event_head(*, message_id: str, type: str, time: datetime, subject: str | None = None) -> str:
     """The CloudEvent's JSON up to its ``data``: the caller appends the data's JSON and a closing brace, as
-    :func:`outbox_message` does (``institutions_outbox_enqueue`` builds the same in SQL)."""
+    :func:`outbox_event` does."""
     event: dict[str, Any] = {
         "specversion": "1.0",
         "id": message_id,

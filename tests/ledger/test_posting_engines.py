@@ -18,7 +18,7 @@ from django.db import DatabaseError, connection, transaction
 
 from ledger.exceptions import LedgerError, UnbalancedTransfer
 from ledger.models import Account, AccountKind, Posting, Transfer
-from ledger.selectors import ledger_check
+from ledger.selectors import ledger_check, person_lots
 from ledger.services import AccountKey, TransferSpec, accounts_ensure, ledger_refusal, transfers_post
 from ledger.services import accounts as accounts_module
 from ledger.services import transfers as engines
@@ -228,3 +228,34 @@ def test_a_database_error_that_is_no_refusal_stays_what_it_is():
     with pytest.raises(DatabaseError) as raised, transaction.atomic(), connection.cursor() as cursor:
         cursor.execute("SELECT 1 / 0")
     assert ledger_refusal(raised.value) is None
+
+
+def test_a_persons_lots_are_read_in_sql_as_in_python():
+    """``ledger_person_lots`` (for other apps' SQL) and ``person_lots``: lots with points, debts, nothing else."""
+    named = {
+        "full": AccountKey.wallet_lot(person_id=7, issuer_id=1, expires_on=NOV),
+        "empty": AccountKey.wallet_lot(person_id=7, issuer_id=1, expires_on=DEC),
+        "lapsed": AccountKey.wallet_lot(person_id=7, issuer_id=2, expires_on=date(2020, 1, 31)),
+        "debt": AccountKey.person_debt(person_id=7, issuer_id=2),
+        "settled debt": AccountKey.person_debt(person_id=7, issuer_id=1),
+        "someone else's": AccountKey.wallet_lot(person_id=8, issuer_id=1, expires_on=NOV),
+    }
+    a = accounts_ensure(keys=named.values())
+    out_1, out_2, back_2 = ids(
+        AccountKey.issuer_outstanding(issuer_id=1),
+        AccountKey.issuer_outstanding(issuer_id=2),
+        AccountKey.reversed(issuer_id=2),
+    )
+    transfers_post(
+        transfers=[
+            TransferSpec("c1", "credit", [(out_1, -500), (a[named["full"]], 500)]),
+            TransferSpec("c2", "credit", [(out_2, -300), (a[named["lapsed"]], 300)]),
+            TransferSpec("c3", "credit", [(out_1, -100), (a[named["someone else's"]], 100)]),
+            TransferSpec("r1", "reverse", [(a[named["debt"]], -40), (back_2, 40)]),
+        ]
+    )
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT id, kind, issuer_id, expires_on, balance FROM ledger_person_lots(7)")
+        in_sql = sorted(cursor.fetchall())
+    assert in_sql == sorted(person_lots(person_id=7))
+    assert [row[0] for row in in_sql] == sorted(a[named[n]] for n in ("full", "lapsed", "debt"))
