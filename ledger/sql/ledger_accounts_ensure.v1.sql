@@ -9,9 +9,9 @@
 -- never by the caller. Returns one row per account given, in the order given: its position (from 1),
 -- key and id.
 --
--- The missing accounts are inserted in key order (byte order), so concurrent callers cannot
--- deadlock on each other's keys; one created meanwhile by a concurrent transaction is read after the
--- insert has waited for it. Never changes an existing account.
+-- The accounts are inserted in key order, so concurrent callers cannot deadlock on each other's keys
+-- (every account on PostgreSQL is made here); one that exists, or that a concurrent transaction creates
+-- meanwhile (the insert waits for it), is read instead. Never changes an existing account.
 CREATE FUNCTION ledger_accounts_ensure(
     p_kinds text[],
     p_issuers bigint[],
@@ -26,55 +26,35 @@ CREATE FUNCTION ledger_accounts_ensure(
 AS $$
 DECLARE
     given text[];               -- the keys, in the order given
-    wanted text[];              -- the same, once each
-    found_keys text[];
-    found_ids bigint[];
-    made_keys text[];
-    made_ids bigint[];
+    ids bigint[];               -- their ids, NULL where not yet known
 BEGIN
-    SELECT array_agg(ledger_account_key(u.kind, u.issuer, u.person, u.subject, u.expires_on, u.redemption, u.holder,
-                                        u.provider) ORDER BY u.n)
-      INTO given
-      FROM unnest(p_kinds, p_issuers, p_persons, p_subjects, p_expiries, p_redemptions, p_holders, p_providers)
-           WITH ORDINALITY AS u(kind, issuer, person, subject, expires_on, redemption, holder, provider, n);
-    SELECT array_agg(DISTINCT g.key) INTO wanted FROM unnest(given) AS g(key);
-    SELECT COALESCE(array_agg(a.key), '{}'), COALESCE(array_agg(a.id), '{}') INTO found_keys, found_ids
-      FROM ledger_account a
-     WHERE a.key = ANY(wanted);
-    IF cardinality(found_keys) < cardinality(wanted) THEN
-        WITH missing AS (
-            SELECT DISTINCT ON (k.key) k.key, u.kind, u.issuer, u.person, COALESCE(u.subject, '') AS subject,
-                   u.expires_on, u.redemption, u.holder, u.provider
-              FROM unnest(p_kinds, p_issuers, p_persons, p_subjects, p_expiries, p_redemptions, p_holders,
-                          p_providers) AS u(kind, issuer, person, subject, expires_on, redemption, holder, provider),
-                   LATERAL (SELECT ledger_account_key(u.kind, u.issuer, u.person, u.subject, u.expires_on,
-                                                      u.redemption, u.holder, u.provider) AS key) k
-                   LEFT JOIN unnest(found_keys) AS f(key) ON f.key = k.key
-             WHERE f.key IS NULL
-        ), made AS (
-            INSERT INTO ledger_account
-                   (key, kind, issuer_id, person_id, subject_ref, expires_on, redemption_id, holder_institution_id,
-                    provider_id, balance, created_at)
-            SELECT m.key, m.kind, m.issuer, m.person, m.subject, m.expires_on, m.redemption, m.holder, m.provider,
-                   0, p_now
-              FROM missing m
-             ORDER BY m.key COLLATE "C"
-            ON CONFLICT (key) DO NOTHING
-            RETURNING key, id
-        )
-        SELECT COALESCE(array_agg(made.key), '{}'), COALESCE(array_agg(made.id), '{}') INTO made_keys, made_ids
-          FROM made;
-        found_keys := found_keys || made_keys;
-        found_ids := found_ids || made_ids;
-        IF cardinality(found_keys) < cardinality(wanted) THEN  -- created by a concurrent transaction
-            SELECT found_keys || array_agg(a.key), found_ids || array_agg(a.id) INTO found_keys, found_ids
-              FROM ledger_account a
-             WHERE a.key = ANY(wanted) AND NOT a.key = ANY(found_keys);
-        END IF;
+    -- Inserted in one statement; a key that exists is skipped (its id read below), as is one a
+    -- concurrent transaction inserts meanwhile (waited for). Callers ask mostly for new accounts:
+    -- ledger.services.accounts_ensure only for keys it did not find.
+    WITH keyed AS (
+        SELECT u.n, ledger_account_key(u.kind, u.issuer, u.person, u.subject, u.expires_on, u.redemption, u.holder,
+                                       u.provider) AS key,
+               u.kind, u.issuer, u.person, COALESCE(u.subject, '') AS subject, u.expires_on, u.redemption, u.holder,
+               u.provider
+          FROM unnest(p_kinds, p_issuers, p_persons, p_subjects, p_expiries, p_redemptions, p_holders, p_providers)
+               WITH ORDINALITY AS u(kind, issuer, person, subject, expires_on, redemption, holder, provider, n)
+    ), made AS (
+        INSERT INTO ledger_account
+               (key, kind, issuer_id, person_id, subject_ref, expires_on, redemption_id, holder_institution_id,
+                provider_id, balance, created_at)
+        SELECT DISTINCT ON (k.key) k.key, k.kind, k.issuer, k.person, k.subject, k.expires_on, k.redemption, k.holder,
+               k.provider, 0, p_now
+          FROM keyed k
+         ORDER BY k.key
+        ON CONFLICT (key) DO NOTHING
+        RETURNING key, id
+    )
+    SELECT array_agg(k.key ORDER BY k.n), array_agg(m.id ORDER BY k.n) INTO given, ids
+      FROM keyed k LEFT JOIN made m ON m.key = k.key;
+    IF array_position(ids, NULL) IS NOT NULL THEN
+        SELECT array_agg(COALESCE(g.id, a.id) ORDER BY g.n) INTO ids
+          FROM unnest(given, ids) WITH ORDINALITY AS g(key, id, n)
+          LEFT JOIN ledger_account a ON g.id IS NULL AND a.key = g.key;
     END IF;
-    RETURN QUERY
-        SELECT g.n::integer, g.key, f.id
-          FROM unnest(given) WITH ORDINALITY AS g(key, n)
-          JOIN unnest(found_keys, found_ids) AS f(key, id) ON f.key = g.key
-         ORDER BY g.n;
+    RETURN QUERY SELECT g.n::integer, g.key, g.id FROM unnest(given, ids) WITH ORDINALITY AS g(key, id, n);
 END $$;

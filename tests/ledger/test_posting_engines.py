@@ -138,6 +138,11 @@ def story(a: dict[str, int]) -> list[Any]:
     post(move("above:2", ("lot 2 dec", -10), ("debt 2", 10), kind="reverse"))  # a debt above zero
     post(move("unknown:1", ("out 1", -10), ("nowhere", 10)))
     post(move("netted:1", ("lot 2 dec", -500), ("lot 2 dec", 200), ("expired 2", 300), kind="expire"))
+    # Spending after the credit that covers it, in one batch: posted (the lot is empty before the batch).
+    post(
+        move("credit:7", ("out 2", -100), ("lot 2 nov", 100)),
+        move("spend:2", ("lot 2 nov", -100), ("expired 2", 100), kind="expire"),
+    )
     return outcomes
 
 
@@ -188,7 +193,7 @@ def test_the_database_engine_and_the_portable_engine_answer_and_write_the_same(m
     answers = in_database[::2]
     assert [answer[0] for answer in answers] == [
         *("posted", "posted", "InsufficientBalance", "CrossIssuerTransfer", "InsufficientBalance"),
-        *("InsufficientBalance", "BalanceOutOfRange", "BalanceOutOfRange", "UnknownAccount", "posted"),
+        *("InsufficientBalance", "BalanceOutOfRange", "BalanceOutOfRange", "UnknownAccount", "posted", "posted"),
     ]
     assert answers[0][1:] == (["credit:2", "credit:1", "credit:3"], [])
     assert answers[1][1:] == (["credit:4"], ["credit:1"])
