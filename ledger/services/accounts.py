@@ -213,7 +213,7 @@ def accounts_ensure(*, keys: Iterable[AccountKey]) -> dict[AccountKey, int]:
 
 
 _ENSURE_CALL = (
-    "SELECT account_key, account_id FROM ledger_accounts_ensure(%s::text[], %s::bigint[], %s::bigint[], %s::text[],"
+    "SELECT account_keys, account_ids FROM ledger_accounts_ensure(%s::text[], %s::bigint[], %s::bigint[], %s::text[],"
     " %s::date[], %s::bigint[], %s::bigint[], %s::bigint[], %s::timestamptz)"
 )
 
@@ -222,7 +222,7 @@ def _accounts_create_in_database(keys: list[AccountKey], now: datetime) -> dict[
     """``{key: id}`` of ``keys`` through ``ledger_accounts_ensure``, which writes each key itself: a key
     it writes otherwise than :class:`AccountKey` would be a second identity for one account, so that
     stops here, before anything is posted to it."""
-    rows = execute_prepared(
+    keys_made, ids_made = execute_prepared(
         _ENSURE_CALL,
         [
             text_array_literal([k.kind for k in keys]),
@@ -235,9 +235,9 @@ def _accounts_create_in_database(keys: list[AccountKey], now: datetime) -> dict[
             array_literal([k.provider_id for k in keys]),
             now,
         ],
-    ).fetchall()
-    ids = dict(rows)
-    if len(ids) != len(keys) or any(k.key not in ids for k in keys):
+    ).fetchone()
+    ids = dict(zip(keys_made, ids_made, strict=True))
+    if any(k.key not in ids for k in keys):
         raise AssertionError(f"ledger_account_key disagrees with AccountKey: {sorted(ids)[:3]} for {keys[0].key!r}")
     return ids
 

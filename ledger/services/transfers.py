@@ -160,7 +160,7 @@ def _validated(transfers: Sequence[TransferSpec]) -> tuple[list[TransferSpec], l
 # --- The engine in the database (PostgreSQL) ---------------------------------------------------------
 
 _POST_CALL = (
-    "SELECT transfer_key, transfer_id, created FROM ledger_post(%s::timestamptz, %s::text[], %s::text[], %s::jsonb,"
+    "SELECT transfer_ids, created FROM ledger_post(%s::timestamptz, %s::text[], %s::text[], %s::jsonb,"
     " %s::integer[], %s::bigint[], %s::bigint[])"
 )
 
@@ -189,13 +189,13 @@ def _post_in_database(specs: list[TransferSpec], metadata: dict[str, str], now: 
         array_literal(amounts),
     ]
     try:
-        rows = execute_prepared(_POST_CALL, params).fetchall()
+        ids, created = execute_prepared(_POST_CALL, params).fetchone()
     except DatabaseError as exc:
         refused = ledger_refusal(exc)
         if refused is None:
             raise
         raise refused from exc
-    return {key: (transfer_id, created) for key, transfer_id, created in rows}
+    return {key: (transfer_id, new) for key, transfer_id, new in zip(keys, ids, created, strict=True)}
 
 
 # ``ledger_post``'s refusals: SQLSTATE -> what the portable engine raises for the same batch.
