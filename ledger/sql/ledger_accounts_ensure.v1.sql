@@ -50,8 +50,9 @@ BEGIN
         RETURNING key, id
     )
     SELECT array_agg(m.key), array_agg(m.id) INTO made_keys, made_ids FROM made m;
-    IF cardinality(account_keys) = 1 AND made_ids IS NOT NULL THEN
-        account_ids := made_ids;
+    IF cardinality(made_keys) = cardinality(account_keys) AND cardinality(account_keys) <= 16 THEN
+        -- All made, and few (the hold accounts of a redemption, one per issuer): put them in the order given.
+        account_ids := ARRAY(SELECT made_ids[array_position(made_keys, g.key)] FROM unnest(account_keys) AS g(key));
     ELSE
         account_ids := ARRAY(
             SELECT COALESCE(m.id, a.id)

@@ -53,6 +53,7 @@ DECLARE
     locked_ids bigint[];        -- the touched accounts as locked, in id order
     locked_kinds text[];
     locked_issuers bigint[];
+    before bigint[];            -- the touched accounts' balances as locked
     after bigint[];             -- a one-transfer batch: each locked account's balance after it
     issuers bigint[];           -- ... and its sum per issuer
     issuer_sums bigint[];
@@ -114,7 +115,7 @@ BEGIN
         END IF;
         -- The aggregates take the rows in the subquery's order: no sort of their own.
         SELECT array_agg(a.id), array_agg(a.kind), array_agg(a.issuer_id), array_agg(a.balance)
-          INTO locked_ids, locked_kinds, locked_issuers, after
+          INTO locked_ids, locked_kinds, locked_issuers, before
           FROM (SELECT a.id, a.kind, a.issuer_id, a.balance
                   FROM ledger_account a
                  WHERE a.id = ANY(touched)
@@ -140,6 +141,7 @@ BEGIN
         -- 4, a first look.
         IF cardinality(p_keys) = 1 THEN
             -- One transfer, a few legs: its balances after it and its sum per issuer, in a loop.
+            after := before;
             FOR i IN 1 .. cardinality(p_leg_accounts) LOOP
                 at := array_position(locked_ids, p_leg_accounts[i]);
                 after[at] := after[at] + p_leg_amounts[i];
@@ -165,7 +167,7 @@ BEGIN
             WITH legs AS (
                 SELECT l.at, l.account, l.amount, a.kind, a.issuer_id, a.balance
                   FROM unnest(p_leg_transfers, p_leg_accounts, p_leg_amounts) AS l(at, account, amount)
-                  JOIN unnest(locked_ids, locked_kinds, locked_issuers, after) AS a(id, kind, issuer_id, balance)
+                  JOIN unnest(locked_ids, locked_kinds, locked_issuers, before) AS a(id, kind, issuer_id, balance)
                     ON a.id = l.account
                  WHERE new_ids[l.at] <> 0
             )
@@ -226,14 +228,20 @@ BEGIN
             END IF;
         END IF;
 
-        -- 5: one netted update per touched account.
-        UPDATE ledger_account AS a SET balance = a.balance + d.delta
-          FROM (SELECT l.account, SUM(l.amount) AS delta
-                  FROM unnest(p_leg_transfers, p_leg_accounts, p_leg_amounts) AS l(at, account, amount)
-                 WHERE new_ids[l.at] <> 0
-                 GROUP BY l.account
-                HAVING SUM(l.amount) <> 0) d
-         WHERE a.id = d.account;
+        -- 5: one netted update per touched account (a one-transfer batch has its balances after it).
+        IF cardinality(p_keys) = 1 THEN
+            UPDATE ledger_account AS a SET balance = u.after
+              FROM unnest(locked_ids, before, after) AS u(id, before, after)
+             WHERE a.id = u.id AND u.after <> u.before;
+        ELSE
+            UPDATE ledger_account AS a SET balance = a.balance + d.delta
+              FROM (SELECT l.account, SUM(l.amount) AS delta
+                      FROM unnest(p_leg_transfers, p_leg_accounts, p_leg_amounts) AS l(at, account, amount)
+                     WHERE new_ids[l.at] <> 0
+                     GROUP BY l.account
+                    HAVING SUM(l.amount) <> 0) d
+             WHERE a.id = d.account;
+        END IF;
     END IF;
 
     IF created_count = cardinality(p_keys) THEN
