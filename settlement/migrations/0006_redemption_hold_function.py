@@ -1,10 +1,12 @@
 """A redemption hold in one round trip: ``settlement_redemption_hold``, a PostgreSQL function.
 
+(Version 1, in settlement/sql; version 3 of migration 0008 is the one in use.)
+
 ``POST /me/redemptions`` is the hub's hottest write a person makes. Done from Python it took 18
 statements, each a round trip with its client-side work, PostgreSQL's parsing and planning: 8 ms of
 CPU a hold on the benchmark machine, where 500 holds a second leave 4 ms. This function makes the
-same decisions and the same writes as ``settlement.services._hold_plan`` and ``_hold_write`` (the
-portable path, which SQLite runs and ``HUB_REDEMPTION_HOLD_IN_DATABASE=0`` selects) in one call,
+same decisions and the same writes as the portable path in ``settlement.services`` (which SQLite runs
+and ``HUB_REDEMPTION_HOLD_IN_DATABASE=0`` selects) in one call,
 with plans PL/pgSQL keeps per connection. ``tests/settlement/test_hold_engines.py`` runs both
 paths over the same cases and requires the same rows, balances and answers.
 

@@ -1,5 +1,7 @@
 """The redemption hold's function writes the key's answer and the provider's webhook itself.
 
+(Version 2, in settlement/sql; version 3 of migration 0008 is the one in use.)
+
 ``settlement_redemption_hold`` (migration 0006) held the points; Python then stored the answer and the
 webhook in a second statement and committed in a third. Now the function writes both, so a hold
 with its answer and webhook is one statement: on a connection in autocommit, one round trip including
