@@ -266,3 +266,28 @@ def test_a_persons_lots_are_read_in_sql_as_in_python():
         in_sql = sorted(cursor.fetchall())
     assert in_sql == sorted(person_lots(person_id=7))
     assert [row[0] for row in in_sql] == sorted(a[named[n]] for n in ("full", "lapsed", "debt"))
+
+
+def test_the_database_makes_new_accounts_and_finds_existing_ones_in_the_order_given():
+    """``ledger_accounts_ensure`` as other apps' SQL calls it: new, existing and repeated identities."""
+    (existing,) = ids(AccountKey.expired(issuer_id=4))
+    wanted = [
+        AccountKey.redemption_hold(redemption_id=9, issuer_id=3),
+        AccountKey.expired(issuer_id=4),
+        AccountKey.redemption_hold(redemption_id=9, issuer_id=1),
+        AccountKey.redemption_hold(redemption_id=9, issuer_id=3),
+    ]
+    columns = [
+        [getattr(k, name) for k in wanted]
+        for name in ("kind", "issuer_id", "person_id", "subject_ref", "expires_on", "redemption_id")
+    ]
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT account_keys, account_ids FROM ledger_accounts_ensure(%s::text[], %s::bigint[], %s::bigint[],"
+            " %s::text[], %s::date[], %s::bigint[], %s::bigint[], %s::bigint[], now())",
+            [*columns, [None] * 4, [None] * 4],
+        )
+        keys, made = cursor.fetchone()
+    assert keys == [k.key for k in wanted]
+    assert made[1] == existing and made[0] == made[3] and len(set(made)) == 3
+    assert dict(Account.objects.filter(pk__in=made).values_list("pk", "key")) == dict(zip(made, keys, strict=True))
