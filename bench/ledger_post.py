@@ -2,9 +2,10 @@
 
     .venv/bin/python bench/ledger_post.py [--transfers 20000] [--batch 1000] [--repeats 3]
 
-Creates a scratch database ``bench_ledger`` (dropped and recreated for every measurement), creates the
-accounts (not timed), then times posting credit transfers of two postings each (issuer outstanding to
-a wallet lot), commit included, so the deferred sum-to-zero trigger and the balance CHECKs are paid:
+Creates a scratch database ``bench_ledger`` (``$BENCH_LEDGER_DB`` to name another; dropped and recreated
+for every measurement), creates the accounts (not timed), then times posting credit transfers of two
+postings each (issuer outstanding to a wallet lot), commit included, so the deferred sum-to-zero
+trigger and the balance CHECKs are paid:
 
 - batches, distinct issuers: every transfer of a batch debits a different issuer's outstanding account;
 - batches, one hot issuer: every transfer debits the same issuer account (netting makes that one row
@@ -29,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 ADMIN_URL = os.environ.get("BENCH_ADMIN_URL", "postgres://postgres@127.0.0.1:5432/postgres")
-DB_NAME = "bench_ledger"
+DB_NAME = os.environ.get("BENCH_LEDGER_DB", "bench_ledger")
 
 
 def main() -> None:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import date
 from decimal import Decimal
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 from django.db import DEFAULT_DB_ALIAS, connection, connections, migrations, models
@@ -190,3 +192,16 @@ class PostgresOnlySQL(migrations.RunSQL):
     def database_backwards(self, app_label: str, schema_editor: Any, from_state: Any, to_state: Any) -> None:
         if schema_editor.connection.vendor == "postgresql":
             super().database_backwards(app_label, schema_editor, from_state, to_state)
+
+
+def sql_file(app: str, name: str) -> str:
+    """The text of ``<app>/sql/<name>``: one version of a database function the app owns, for a migration
+    to create (``PostgresOnlySQL(sql_file("ledger", "ledger_post.v1.sql"), ...)``).
+
+    Each function lives in one file per version, and a version a migration has loaded is never edited:
+    a change is a new version loaded by a new migration, whose backward step loads the version before.
+    So migrating from zero replays every version in order, and going back restores the one before
+    (docs/decisions.md, "SQL functions live in versioned files")."""
+    package = importlib.import_module(app)
+    assert package.__file__ is not None, f"{app} is a package on disk"
+    return (Path(package.__file__).parent / "sql" / name).read_text(encoding="utf-8")

@@ -478,6 +478,6 @@ CELERY_BEAT_SCHEDULE["settlement-cycles-watch"] = {
 HUB_REDEMPTION_HOLD_HOURS = env_int("HUB_REDEMPTION_HOLD_HOURS", 48)
 # Units of one reward per request: a bound on what one request may hold, not a business rule.
 HUB_REDEMPTION_MAX_QUANTITY = env_int("HUB_REDEMPTION_MAX_QUANTITY", 100)
-# On PostgreSQL a hold runs as one database function (settlement migration 0006): one round trip
-# instead of eighteen. Off: the portable path SQLite runs, kept equal to it by the tests.
+# On PostgreSQL a hold runs as one database function (settlement/sql/settlement_redemption_hold): one round trip
+# instead of many. Off: the portable path SQLite runs, kept equal to it by the tests.
 HUB_REDEMPTION_HOLD_IN_DATABASE = env_flag("HUB_REDEMPTION_HOLD_IN_DATABASE", default=True)

@@ -85,7 +85,8 @@ CONTENT_TYPE = "application/cloudevents+json"
 MAX_RESPONSE_BYTES = 64 * 1024
 
 
-def _source() -> str:
+def outbox_source() -> str:
+    """The CloudEvents ``source`` of every webhook the hub sends (``HUB_EVENT_SOURCE``)."""
     return getattr(settings, "HUB_EVENT_SOURCE", "/clearinghouse")
 
 
@@ -112,7 +113,8 @@ def outbox_enqueue(
 
     The CloudEvent is built here, once: its ``id`` is the ``webhook-id`` of every attempt (see
     :func:`outbox_message` for ``subject_sealed``). Delivery starts after the surrounding transaction
-    commits (and never if it rolls back).
+    commits (and never if it rolls back). SQL of other apps stores webhooks through this function's SQL
+    twin, ``institutions_outbox_enqueue`` (institutions/sql), which builds the same bytes.
     """
     message = outbox_message(
         institution_id=institution.pk, type=type, data=data, subject=subject, subject_sealed=subject_sealed
@@ -131,12 +133,11 @@ def outbox_message(
     unseals into ``data.subject`` when the message is sent (``data`` holds null there meanwhile)."""
     message_id = outbox_message_id()
     now = timezone.now()
-    head = outbox_event_head(message_id=message_id, type=type, time=now, subject=subject)
     return OutboxMessage(
         institution_id=institution_id,
         message_id=message_id,
         type=type,
-        body=head + json.dumps(data, cls=DjangoJSONEncoder, separators=(",", ":"), ensure_ascii=False) + "}",
+        body=outbox_event(message_id=message_id, type=type, time=now, data=data, subject=subject),
         subject_sealed=subject_sealed,
         next_attempt_at=now,
         created_at=now,
@@ -148,14 +149,25 @@ def outbox_message_id() -> str:
     return f"msg_{uuid.uuid4().hex}"
 
 
+def outbox_event(
+    *, message_id: str, type: str, time: datetime, data: dict[str, Any], subject: str | None = None
+) -> str:
+    """The CloudEvent as stored, compact JSON: the envelope (:func:`outbox_event_head`), the data, and the
+    closing brace. ``institutions_outbox_enqueue`` (institutions/sql) builds the same bytes in SQL."""
+    return (
+        outbox_event_head(message_id=message_id, type=type, time=time, subject=subject)
+        + json.dumps(data, cls=DjangoJSONEncoder, separators=(",", ":"), ensure_ascii=False)
+        + "}"
+    )
+
+
 def outbox_event_head(*, message_id: str, type: str, time: datetime, subject: str | None = None) -> str:
-    """The CloudEvent's JSON up to its ``data``: the caller appends the data's JSON and a closing brace.
-    :func:`outbox_message` does; so does the database function that holds redemptions, which writes its
-    webhook with the hold (``settlement_redemption_hold``)."""
+    """The CloudEvent's JSON up to its ``data``: the caller appends the data's JSON and a closing brace, as
+    :func:`outbox_event` does."""
     event: dict[str, Any] = {
         "specversion": "1.0",
         "id": message_id,
-        "source": _source(),
+        "source": outbox_source(),
         "type": type,
         "time": time.isoformat().replace("+00:00", "Z"),
         "datacontenttype": "application/json",

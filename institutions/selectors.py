@@ -122,3 +122,22 @@ def inbox_events_named(*, type: str, pairs: Iterable[tuple[int, str]]) -> dict[t
         type=type, institution_id__in={i for i, _ in wanted}, event_id__in={e for _, e in wanted}
     )
     return {(row.institution_id, row.event_id): row for row in rows}
+
+
+# --- For other apps: an institution as they need to see it -------------------------------------------
+# (Each has an SQL twin in institutions/sql for their SQL, which reads institutions through it.)
+
+
+def provider_state(institution_id: int) -> tuple[str, bool] | None:
+    """``(code, providing)`` of an institution as a reward's provider: providing is active and a
+    provider. None if there is no such institution. SQL twin: ``institutions_provider``."""
+    row = Institution.objects.filter(pk=institution_id).values_list("code", "status", "is_provider").first()
+    if row is None:
+        return None
+    code, status, is_provider = row
+    return code, status == Institution.Status.ACTIVE and is_provider
+
+
+def institution_codes(ids: Iterable[int]) -> dict[int, str]:
+    """``{id: code}`` of the institutions with these ids. SQL twin: ``institutions_codes``."""
+    return dict(Institution.objects.filter(pk__in=set(ids)).values_list("pk", "code"))

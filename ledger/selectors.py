@@ -1,5 +1,5 @@
-"""Reads of the ledger that are more than a query: a transfer's legs, a person's accounts, the
-invariant check and block verification."""
+"""Reads of the ledger that are more than a query: a transfer's legs, a person's lots and accounts,
+the invariant check and block verification."""
 
 from __future__ import annotations
 
@@ -30,6 +30,21 @@ logger = logging.getLogger(__name__)
 # Each check reports at most this many offenders; the count says how many there were.
 PROBLEMS_PER_CHECK = 20
 PUBLIC_KEY_PREFIX = "whpk_"  # the hub's public keys are published as ``whpk_<base64 of 32 bytes>``
+
+
+# (account id, kind, issuer id, expires_on, balance)
+PersonLot = tuple[int, str, int, date | None, int]
+
+
+def person_lots(*, person_id: int) -> list[PersonLot]:
+    """A person's wallet lots that hold points and the debts they owe back (balance < 0), in no order,
+    read through the ledger's person index. Lapsed lots are included: the caller tests the expiry.
+    SQL twin, for other apps' SQL: ``ledger_person_lots`` (ledger/sql)."""
+    return list(
+        Account.objects.filter(
+            Q(kind=AccountKind.WALLET_LOT, balance__gt=0) | Q(kind=AccountKind.DEBT, balance__lt=0), person_id=person_id
+        ).values_list("id", "kind", "issuer_id", "expires_on", "balance")
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,8 +3,8 @@ reward catalogue and their redemptions.
 
 One small view per operation: parse, call a service or selector, render. Refusals are the services'
 :class:`~clearinghouse.errors.HubError` subclasses, rendered as problem+json; the answer to a redemption
-request is the service's own (status and body), because a repeat of its ``Idempotency-Key`` must get
-the very same answer back.
+request is the service's own (the redemption held, or the refusal's problem document), because a repeat
+of its ``Idempotency-Key`` must get the very same answer back: sent as ``201`` or with the problem's status.
 """
 
 from __future__ import annotations
@@ -370,14 +370,17 @@ def _plain_redemption(body: Any) -> tuple[str, int] | None:
 def _redemption_answered(
     person: Person, *, idempotency_key: str | None, reward_code: str, quantity: int
 ) -> HttpResponse:
-    """The service's answer as sent, by both paths; refusals raise :class:`HubError` to the caller."""
+    """The service's answer as sent, by both paths: a held redemption is ``201 Created``, a refusal its
+    problem document with the status in it (RFC 9457: the status member is the HTTP status). Errors
+    that are not the key's answer (a reused or invalid key, a request in flight) raise :class:`HubError`
+    to the caller."""
     answer = redemption_request(
         person=person, idempotency_key=idempotency_key, reward_code=reward_code, quantity=quantity
     )
     response = HttpResponse(
         json.dumps(answer.body, separators=(",", ":"), ensure_ascii=False),
-        status=answer.status,
-        content_type=PROBLEM_CONTENT_TYPE if answer.status >= 400 else "application/json",
+        status=201 if answer.held else answer.body["status"],
+        content_type="application/json" if answer.held else PROBLEM_CONTENT_TYPE,
     )
     if answer.replayed:
         response["Idempotent-Replayed"] = "true"

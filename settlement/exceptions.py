@@ -3,6 +3,8 @@ writes rolled back)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from clearinghouse.errors import HubError
 
 
@@ -85,7 +87,13 @@ class IdempotencyKeyReused(SettlementError):
 
 
 class IdempotencyKeyInFlight(SettlementError):
+    """Another request with the key is running now; the client retries after ``Retry-After``."""
+
     status, code, title = 409, "idempotency-key-in-flight", "A request with this Idempotency-Key is still running"
+    retry_after_seconds = 1
+
+    def __init__(self, message: str | None = None, **extra: Any):
+        super().__init__(message, headers={"Retry-After": str(self.retry_after_seconds)}, **extra)
 
 
 class RedemptionNotPending(SettlementError):

@@ -414,24 +414,24 @@ class RedemptionAllocation(models.Model):
 
 
 class RedemptionRequest(models.Model):
-    """The first answer given to ``POST /me/redemptions`` under a person's ``Idempotency-Key``.
+    """The first answer given to ``POST /me/redemptions`` under a person's ``Idempotency-Key``: the
+    redemption it held, or the refusal (its problem document). Replayed for every repeat of the key.
 
     A hold's answer is written in the hold's transaction, so a row exists only for a finished request:
     a request still running is found by its advisory lock, not by a half-written row. On PostgreSQL a
     refusal is written just after its check's statement; the first answer stored for a key stands (see
-    ``settlement.services.redemption_request``).
+    ``settlement.services.holds.redemption_request``).
     """
 
     person = models.ForeignKey("wallets.Person", on_delete=models.CASCADE, related_name="+", db_index=False)
     key = models.CharField(max_length=255)
     request_hash = models.CharField(max_length=64, help_text="SHA-256 of the canonical request body.")
-    status_code = models.PositiveSmallIntegerField()
-    # A 201's body is the redemption as held: rebuilt from its rows (immutable but for its resolution)
-    # when replayed, so the hold's one statement need not build it (settlement migration 0007).
+    # A held redemption's answer is the redemption as held: rebuilt from its rows (immutable but for its
+    # resolution) when replayed, so the hold's one statement need not build it (settlement migration 0007).
     response = models.JSONField(
         null=True,
         blank=True,
-        help_text="The body answered, replayed as is; null for a 201, rebuilt from the redemption as held.",
+        help_text="A refusal's problem document, replayed as is; null for a held redemption.",
     )
     redemption = models.ForeignKey(
         Redemption, null=True, blank=True, on_delete=models.PROTECT, related_name="+", db_index=False
@@ -444,4 +444,5 @@ class RedemptionRequest(models.Model):
         ]
 
     def __str__(self) -> str:
-        return f"{self.person_id}:{self.key} -> {self.status_code}"
+        answered = f"redemption {self.redemption_id}" if self.redemption_id else (self.response or {}).get("code")
+        return f"{self.person_id}:{self.key} -> {answered}"

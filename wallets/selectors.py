@@ -72,6 +72,16 @@ def persons_for_subjects(pairs: Iterable[tuple[int, str]]) -> dict[tuple[int, st
     return {(institution_id, ref): person_id for institution_id, ref, person_id in rows}
 
 
+def subject_sealed_at(*, person_id: int, institution_id: int) -> str | None:
+    """The person's subject id at the institution, sealed, if they are linked there now (for a webhook
+    that carries it, unsealed when sent). SQL twin: ``wallets_subject_sealed`` (wallets/sql)."""
+    return (
+        Membership.objects.filter(person_id=person_id, institution_id=institution_id, unlinked_at__isnull=True)
+        .values_list("subject_sealed", flat=True)
+        .first()
+    )
+
+
 # --- The wallet -------------------------------------------------------------------------------------
 
 

@@ -19,11 +19,11 @@ from settlement.services import (
     cycle_instruct,
     cycle_net,
     cycle_run,
-    instruction_webhook_data,
     obligations_record,
     value_date_for,
 )
 from settlement.tasks import settlement_run_daily
+from settlement.webhooks import instruction_webhook_data
 from tests.settlement.conftest import CUT, T0, WORKED, bearer, canonical_digest, record
 
 pytestmark = pytest.mark.django_db

@@ -20,8 +20,8 @@ from settlement.exceptions import InsufficientPoints, OutOfStock, RedemptionRefu
 from settlement.models import Redemption, RedemptionAllocation, RedemptionRequest, Reward
 from settlement.services import (
     RedemptionAnswer,
-    _locked,
     redemption_hold,
+    redemption_locked,
     redemption_reject,
     redemption_request,
     redemption_request_hash,
@@ -110,8 +110,12 @@ def test_the_same_key_twenty_times_at_once_creates_one_redemption():
     assert ledger_check() == []
 
 
-# Where a hold waits on a row lock: its own statements on the portable path, the one call on PostgreSQL's.
-HOLD_WAITS = r'^\s*(UPDATE\s+"?settlement_reward"?\s|SELECT .* FOR NO KEY UPDATE|SELECT settlement_redemption_hold\()'
+# Where a hold waits on a row lock: on the portable path its own statements and the ledger's posting call,
+# on the database path its one call.
+HOLD_WAITS = (
+    r'^\s*(UPDATE\s+"?settlement_reward"?\s|SELECT .* FOR NO KEY UPDATE|SELECT .* FROM ledger_post\('
+    r"|SELECT settlement_redemption_hold\()"
+)
 
 
 def hold_against_uncommitted(change: Callable[[], Any], hold: Callable[[], Redemption]) -> BaseException | Redemption:
@@ -258,7 +262,7 @@ def test_a_capture_in_progress_does_not_lock_the_reward_against_new_holds():
     held = redemption_hold(person=person, reward_code="coffee", quantity=1)
 
     with transaction.atomic():
-        _locked(held.pk, person.pk)  # what redemption_fulfil, _reject and _void hold until their commit
+        redemption_locked(held.pk, person.pk)  # what redemption_fulfil, _reject and _void hold until their commit
 
         def probe(_: int) -> bool:
             with connection.cursor() as cursor:
@@ -286,12 +290,11 @@ def test_a_refusal_stored_while_a_hold_of_its_key_runs_is_the_keys_answer():
             person=person,
             key="order-1",
             request_hash=redemption_request_hash(reward_code="coffee", quantity=1),
-            status_code=409,
             response=refused,
         ),
         lambda: redemption_request(person=person, idempotency_key="order-1", reward_code="coffee", quantity=1),  # type: ignore[arg-type,return-value]
     )
 
     assert isinstance(result, RedemptionAnswer)
-    assert (result.status, result.body, result.replayed) == (409, refused, True)
+    assert (result.held, result.body, result.replayed) == (False, refused, True)
     assert_nothing_held()

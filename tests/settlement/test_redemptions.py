@@ -20,7 +20,6 @@ from ledger.services import lots_expire
 from settlement.exceptions import InsufficientPoints, RedemptionNotPending
 from settlement.models import Obligation, Redemption, RedemptionAllocation, RedemptionRequest, Reward
 from settlement.services import (
-    _refusal_stored,
     redemption_fulfil,
     redemption_hold,
     redemption_reject,
@@ -29,6 +28,7 @@ from settlement.services import (
     redemption_void,
     redemptions_expire,
 )
+from settlement.services.idempotency import refusal_stored
 from tests.conftest import make_sender
 from tests.settlement.conftest import TODAY, kind_total, lot_balances, make_reward, month_end, redeem
 from tests.wallets.conftest import auth, credit, make_person, owe
@@ -303,7 +303,7 @@ def test_a_refusal_yields_to_an_answer_stored_meanwhile(provider, wallet):
     held = redemption_request(person=person, idempotency_key="order-6", reward_code="coffee", quantity=1)
     digest = redemption_request_hash(reward_code="coffee", quantity=1)
 
-    answer = _refusal_stored(
+    answer = refusal_stored(
         InsufficientPoints("Not enough points now."),
         person_id=person.pk,
         key="order-6",
@@ -311,7 +311,7 @@ def test_a_refusal_yields_to_an_answer_stored_meanwhile(provider, wallet):
         now=timezone.now(),
     )
 
-    assert (answer.status, answer.body, answer.replayed) == (201, held.body, True)
+    assert (answer.held, answer.body, answer.replayed) == (True, held.body, True)
     assert RedemptionRequest.objects.filter(person=person).count() == 1
 
 

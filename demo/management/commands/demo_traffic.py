@@ -34,7 +34,8 @@ from demo.receiver import DemoReceiver
 from demo.stories import ACTIVITY, Settled, Storyteller, describe
 from institutions import crypto
 from settlement.selectors import cycle_positions
-from settlement.services import cycle_run, instruction_webhook_data
+from settlement.services import cycle_run
+from settlement.webhooks import instruction_webhook_data
 
 # --- What the demo institutions report --------------------------------------------------------------
 
